@@ -1,0 +1,310 @@
+"""The one place where settings are read: CLI flags, ``WORKER_GATEWAY_*`` environment variables, defaults.
+
+Every knob is declared once in ``KNOBS``; the argument parser, ``--help`` text, environment lookup and the
+malformed-value fallback are all derived from that table, so a setting cannot be documented in one place
+and parsed differently in another.  ``Config`` is frozen: the running server never mutates its settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import logging
+import math
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
+
+logger = logging.getLogger("worker_gateway.config")
+
+ENV_PREFIX = "WORKER_GATEWAY_"
+PUBLIC_PING_INTERVAL_S = 20.0
+PUBLIC_PING_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting: its field name, type, default, help, and the bounds a parsed value must respect."""
+
+    name: str
+    kind: type  # int, float, str, bool, or "optional float" via optional=True
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    optional: bool = False  # accepts "none"/"off" meaning None
+    flag: str | None = None  # defaults to --name-with-dashes
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+_MIB = 1024 * 1024
+
+KNOBS: tuple[Knob, ...] = (
+    # Start-up and network
+    Knob("host", str, "127.0.0.1", "address to bind (loopback disables the WebSocket ping by default)"),
+    Knob("port", int, 8765, "TCP port; 0 asks the OS for a free one (announced on the ready line)", 0, 65535),
+    Knob("agent", str, "echo", "default agent for new sessions: built-in name, entry point or package.module:attr"),
+    Knob("token", str, None, "auth token (generated at start when unset)", optional=True),
+    Knob("no_auth", bool, False, "accept clients without a token (refused unless the bind is loopback)"),
+    Knob("ready_file", str, None, 'write {"port", "pid"} to this path atomically once serving', optional=True),
+    Knob("ws_ping_interval", float, None,
+         "WebSocket ping interval in seconds, 'none' to disable (default: off on loopback, 20 elsewhere)",
+         0.0, None, optional=True),
+    Knob("ws_ping_timeout", float, None,
+         "WebSocket ping timeout in seconds, 'none' to disable (default: off on loopback, 20 elsewhere)",
+         0.0, None, optional=True),
+    Knob("allow_origin", str, "", "comma-separated extra origins allowed to open WebSockets"),
+    Knob("metrics_public", bool, False, "serve /metrics without auth"),
+    Knob("max_message_bytes", int, _MIB, "largest client WebSocket message; larger closes with 1009", 1024, None),
+    Knob("log_level", str, "info", "log level: debug, info, warning, error"),
+    # Workers
+    Knob("pool_size", int, 2, "warm agent workers kept ready (0 = cold start per session)", 0, 64),
+    Knob("kill_grace_s", float, 2.0, "seconds between SIGTERM and SIGKILL when stopping a worker group", 0.05, 60),
+    Knob("worker_nice", int, 5, "nice increment of worker processes (keeps the relay first on a busy CPU)", 0, 19),
+    Knob("worker_start_timeout_s", float, 30.0, "seconds a worker may take to load its agent", 1, 600),
+    Knob("watchdog_poll_s", float, 0.5, "parent-death poll period of workers (floor 0.05 s)", 0.05, 2.0),
+    # Sessions
+    Knob("grace_s", float, 60.0, "seconds a detached session is kept for resume (0 = until the idle TTL)", 0, None),
+    Knob("idle_ttl_s", float, 6 * 3600.0, "seconds of inactivity after which a detached session is closed", 1, None),
+    Knob("interrupt_grace_s", float, 3.0, "seconds a turn has to stop after session.interrupt before its worker is killed", 0.05, 120),
+    Knob("replay_max_events", int, 4096, "events kept per session for replay", 16, None),
+    Knob("replay_max_bytes", int, 8 * _MIB, "bytes kept per session for replay", 64 * 1024, None),
+    Knob("outbound_max_bytes", int, 4 * _MIB, "bytes queued per connection before its sessions' pipes pause", 64 * 1024, None),
+    Knob("max_queued_prompts", int, 8, "prompts queued per session (beyond: error 4009)", 0, 1024),
+    # Limits
+    Knob("max_sessions", int, 64, "live sessions in total (beyond: error 4029)", 1, 100000),
+    Knob("max_sessions_per_connection", int, 32, "live sessions owned by one connection (beyond: error 4029)", 1, 100000),
+    Knob("max_terminals", int, 16, "open terminals (beyond: error 4029)", 0, 10000),
+    Knob("max_connections", int, 256, "concurrent WebSocket connections (beyond: closed with 1013)", 1, 1000000),
+    Knob("rate_per_s", float, 200.0, "requests per second per connection (token bucket rate)", 0.1, None),
+    Knob("rate_burst", int, 400, "requests per connection allowed in a burst", 1, None),
+    Knob("max_json_depth", int, 32, "deepest nesting accepted in a request (deeper: -32600)", 2, 1000),
+    # Slash commands and terminals
+    Knob("slash_timeout_s", float, 45.0, "seconds a slash command may run before its worker is killed", 0.1, 3600),
+    Knob("terminal_grace_s", float, 300.0, "seconds a terminal outlives its dropped socket", 0, None),
+)
+
+_KNOBS_BY_NAME = {k.name: k for k in KNOBS}
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_NONE = {"none", "off", "null", "disabled"}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used even with a fallback (e.g. --no-auth on a public bind)."""
+
+
+def parse_value(knob: Knob, raw: str) -> Any:
+    """Parse one raw string for ``knob``; raise ValueError with a user-facing reason when it is malformed."""
+    text = raw.strip()
+    if knob.optional and text.lower() in _NONE:
+        return None
+    if knob.kind is bool:
+        low = text.lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"expected a boolean (1/0, true/false), got {raw!r}")
+    if knob.kind is str:
+        return text
+    try:
+        value = knob.kind(text)
+    except ValueError:
+        raise ValueError(f"expected {'an integer' if knob.kind is int else 'a number'}, got {raw!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {raw!r}")
+    if knob.minimum is not None and value < knob.minimum:
+        raise ValueError(f"must be >= {knob.minimum}, got {raw!r}")
+    if knob.maximum is not None and value > knob.maximum:
+        raise ValueError(f"must be <= {knob.maximum}, got {raw!r}")
+    return value
+
+
+def env_value(knob: Knob, environ: Mapping[str, str]) -> tuple[bool, Any]:
+    """Return ``(present, value)`` for ``knob`` from the environment, falling back to the default (with a
+    warning naming the variable) when the value is malformed: a bad environment never stops the server."""
+    raw = environ.get(knob.env)
+    if raw is None:
+        return False, knob.default
+    try:
+        return True, parse_value(knob, raw)
+    except ValueError as exc:
+        logger.warning("ignoring %s: %s; using the default %r", knob.env, exc, knob.default)
+        return False, knob.default
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost``, ``::1`` and any address in 127.0.0.0/8 (brackets around IPv6 accepted)."""
+    name = host.strip().lower().strip("[]")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def ping_policy(
+    host: str, interval: float | None = None, timeout: float | None = None, explicit: bool = False
+) -> tuple[float | None, float | None]:
+    """The keepalive for a bind: off on loopback (a dead local peer is seen by its FIN/RST), 20 s / 20 s
+    elsewhere (half-open connections behind tunnels are real).  ``explicit`` values win on any bind."""
+    if explicit:
+        return interval, timeout
+    if is_loopback_host(host):
+        return None, None
+    return PUBLIC_PING_INTERVAL_S, PUBLIC_PING_TIMEOUT_S
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a gateway run.  Build it with :meth:`load` (CLI + environment) or directly in tests."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    agent: str = "echo"
+    token: str | None = None
+    no_auth: bool = False
+    ready_file: str | None = None
+    ws_ping_interval: float | None = None
+    ws_ping_timeout: float | None = None
+    ping_explicit: bool = False
+    allow_origin: str = ""
+    metrics_public: bool = False
+    max_message_bytes: int = _MIB
+    log_level: str = "info"
+    pool_size: int = 2
+    kill_grace_s: float = 2.0
+    worker_nice: int = 5
+    worker_start_timeout_s: float = 30.0
+    watchdog_poll_s: float = 0.5
+    grace_s: float = 60.0
+    idle_ttl_s: float = 6 * 3600.0
+    interrupt_grace_s: float = 3.0
+    replay_max_events: int = 4096
+    replay_max_bytes: int = 8 * _MIB
+    outbound_max_bytes: int = 4 * _MIB
+    max_queued_prompts: int = 8
+    max_sessions: int = 64
+    max_sessions_per_connection: int = 32
+    max_terminals: int = 16
+    max_connections: int = 256
+    rate_per_s: float = 200.0
+    rate_burst: int = 400
+    max_json_depth: int = 32
+    slash_timeout_s: float = 45.0
+    terminal_grace_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.ping_explicit:
+            return
+        interval, timeout = ping_policy(self.host)
+        object.__setattr__(self, "ws_ping_interval", interval)
+        object.__setattr__(self, "ws_ping_timeout", timeout)
+
+    # Derived settings --------------------------------------------------------------------------------
+    @property
+    def loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/").lower() for o in self.allow_origin.split(",") if o.strip())
+
+    @property
+    def auth_required(self) -> bool:
+        return not self.no_auth
+
+    def with_token(self) -> Config:
+        """This config with a token: the given one, or a fresh random one when auth is on and none was set."""
+        if self.token or self.no_auth:
+            return self
+        return dataclasses.replace(self, token=secrets.token_urlsafe(24))
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        """Refuse combinations no fallback can make safe."""
+        if self.no_auth and not self.loopback:
+            raise ConfigError(
+                f"--no-auth is refused on the non-loopback bind {self.host!r}: anyone who can reach it could "
+                "run commands. Bind to 127.0.0.1 or pass a --token."
+            )
+
+    # Construction ------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+        """Parse ``serve`` flags over environment variables over defaults."""
+        environ = os.environ if environ is None else environ
+        parser = build_parser()
+        ns = parser.parse_args(list(argv) if argv is not None else [])
+        return cls.from_namespace(ns, environ)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+        values: dict[str, Any] = {}
+        ping_explicit = False
+        for knob in KNOBS:
+            given = getattr(ns, knob.name, _UNSET)
+            if given is not _UNSET:
+                values[knob.name] = given
+                explicit = True
+            else:
+                explicit, values[knob.name] = env_value(knob, environ)
+            if knob.name in ("ws_ping_interval", "ws_ping_timeout") and explicit:
+                ping_explicit = True
+        return cls(**values, ping_explicit=ping_explicit)
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+
+
+def _argparse_type(knob: Knob) -> Callable[[str], Any]:
+    def convert(raw: str) -> Any:
+        try:
+            return parse_value(knob, raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = knob.kind.__name__
+    return convert
+
+
+def add_knob_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per knob; unset flags stay ``_UNSET`` so the environment can fill them."""
+    for knob in KNOBS:
+        default_text = "generated" if knob.name == "token" else ("none" if knob.default is None else knob.default)
+        help_text = f"{knob.help} [env {knob.env}; default {default_text}]"
+        if knob.kind is bool:
+            parser.add_argument(knob.option, dest=knob.name, action="store_const", const=True,
+                                default=_UNSET, help=help_text)
+        else:
+            parser.add_argument(knob.option, dest=knob.name, type=_argparse_type(knob), default=_UNSET,
+                                metavar=knob.name.upper(), help=help_text)
+
+
+def build_parser(prog: str = "worker-gateway serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the worker-gateway: WebSocket JSON-RPC on /ws, terminals on /pty/{id}, the dashboard "
+        "on /. Every flag can also be set by the environment variable shown with it; flags win.",
+    )
+    add_knob_arguments(parser)
+    return parser

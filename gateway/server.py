@@ -1,0 +1,169 @@
+"""Start-up and shutdown of one gateway process.
+
+Phases (as in ``uvicorn.Server``): bind the socket ourselves (so ``--port 0`` knows its port before
+serving, and a taken port is a clear one-line error), start uvicorn on it, announce readiness once the
+server accepts connections (stdout line + optional ready file), and on SIGINT/SIGTERM close every session
+through the teardown funnel before the sockets go, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+from typing import Any, Sequence
+
+import uvicorn
+
+from gateway.app import GatewayState, create_app
+from gateway.config import Config, ConfigError
+from gateway.loops import select_loop_factory
+
+logger = logging.getLogger("worker_gateway.server")
+READY_PREFIX = "WORKER_GATEWAY_READY"
+EXIT_USAGE = 2
+
+
+class StartupError(Exception):
+    """A start-up failure the user can fix: printed as one line, exit status 2."""
+
+
+def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """Bind and listen on (host, port); raise StartupError naming the port when it is taken."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve bind host {host!r}: {exc.strerror}") from None
+    family, socktype, proto, _, address = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        if sys.platform != "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
+            raise StartupError(f"port {port} on {host} is already in use; pick another with --port "
+                               "(or --port 0 for any free port)") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise StartupError(f"not allowed to bind {host}:{port} ({exc.strerror}); use a port above 1023") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise StartupError(f"cannot bind {host}:{port}: the address is not on this machine") from None
+        raise StartupError(f"cannot bind {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def write_ready_file(path: str, port: int) -> None:
+    """Atomically (temp file + fsync + rename) write ``{"port", "pid"}`` for launchers that can't read stdout."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".ready-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"port": port, "pid": os.getpid()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def display_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server with our readiness announcement and a session-aware graceful shutdown."""
+
+    def __init__(self, config: uvicorn.Config, gateway_config: Config, state: GatewayState) -> None:
+        super().__init__(config)
+        self.gateway_config = gateway_config
+        self.state = state
+        self.port: int | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if not self.started or self.should_exit:
+            return
+        assert sockets
+        self.port = sockets[0].getsockname()[1]
+        self.announce(self.port)
+
+    def announce(self, port: int) -> None:
+        cfg = self.gateway_config
+        base = f"http://{display_host(cfg.host)}:{port}/"
+        if cfg.ready_file:
+            write_ready_file(cfg.ready_file, port)
+        sys.stdout.write(f"{READY_PREFIX} port={port} url={base}\n")
+        sys.stdout.flush()
+        dashboard = f"{base}?token={cfg.token}" if cfg.token else base
+        ping = ("off" if cfg.ws_ping_interval is None
+                else f"{cfg.ws_ping_interval:g}s/{cfg.ws_ping_timeout if cfg.ws_ping_timeout is not None else 'none'}s")
+        print(f"worker-gateway: serving on {base} (agent {cfg.agent}, ping {ping}); dashboard: {dashboard}",
+              file=sys.stderr, flush=True)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Sessions first, while their owners are still connected to hear session.closed(shutdown).
+        for server in self.servers:
+            server.close()
+        await self.state.shutdown()
+        await super().shutdown(sockets=sockets)
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        with self.capture_signals():
+            await self._serve(sockets)
+            # A signal was a request for a graceful stop, which is done: exit 0 rather than re-raising it.
+            self._captured_signals.clear()
+
+
+def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        lifespan="on",
+        ws_ping_interval=config.ws_ping_interval,
+        ws_ping_timeout=config.ws_ping_timeout,
+        ws_max_size=config.max_message_bytes,
+        ws_per_message_deflate=False,
+        log_level=config.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+
+
+def serve(argv: Sequence[str] | None = None) -> int:
+    """``worker-gateway serve``: returns the process exit status."""
+    try:
+        config = Config.load(argv).with_token()
+        config.validate()
+        sock = bind_socket(config.host, config.port)
+    except (ConfigError, StartupError) as exc:
+        print(f"worker-gateway: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    logging.basicConfig(level=config.log_level.upper() if isinstance(config.log_level, str) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app = create_app(config)
+    uv_config = uvicorn_config(app, config)
+    server = GatewayServer(uv_config, config, app.state.gateway)
+    try:
+        with asyncio.Runner(loop_factory=select_loop_factory(uv_config)) as runner:
+            runner.run(server.serve(sockets=[sock]))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return 0 if server.started or server.should_exit else 1
