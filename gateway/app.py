@@ -83,6 +83,7 @@ class GatewayState:
             "status": "ok",
             "sessions": self.sessions.live_count if self.sessions else 0,
             "workers": self.supervisor.live_workers if self.supervisor else 0,
+            "connections": len(self.connections),
             "loop_lag_ms": lag["max"],
             "loop_lag_p99_ms": lag["p99"],
             "uptime_s": round(time.monotonic() - self.started_at, 3),
@@ -108,6 +109,10 @@ def _header_map(scope_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 def _check(state: GatewayState, conn_scope: WebSocket | Request, require_token: bool = True) -> auth.Verdict:
+    raw_headers = conn_scope.scope["headers"]
+    for singleton in (b"host", b"origin"):
+        if sum(1 for name, _ in raw_headers if name.lower() == singleton) > 1:
+            return auth.Verdict(singleton.decode())  # ambiguous: which one would a check trust?
     subprotocols = conn_scope.scope.get("subprotocols", []) if conn_scope.scope["type"] == "websocket" else []
     return auth.check_handshake(state.config, _header_map(conn_scope.scope["headers"]),
                                 dict(conn_scope.query_params), subprotocols, require_token)
@@ -128,14 +133,20 @@ async def ws_endpoint(websocket: WebSocket) -> None:
     if state.shutting_down:
         await _reject(state, websocket, "shutting_down")
         return
-    if len(state.connections) >= state.config.max_connections:
-        await _reject(state, websocket, "connection_limit")
-        return
     await websocket.accept(subprotocol=verdict.subprotocol)
+    if len(state.connections) >= state.config.max_connections:
+        # Accepted only to say why in a typed error; 1013 = try again later.
+        state.metrics.handshake_rejections.labels(reason="connection_limit").inc()
+        await websocket.send_text(rpc.encode_error(None, rpc.RpcError(
+            rpc.LIMIT_REACHED, f"connection limit reached: max_connections={state.config.max_connections}",
+            {"limit": "max_connections"})))
+        await websocket.close(code=1013, reason="connection limit reached")
+        return
     metrics = state.metrics
     conn = Connection(websocket, state.config.outbound_max_bytes, on_sent=metrics.bytes_sent.inc)
     state.connections.add(conn)
     metrics.ws_connections.inc()
+    metrics.ws_connections_total.inc()
     conn.start()
     conn.send(state.ready_event())
     bucket = TokenBucket(state.config.rate_per_s, state.config.rate_burst)
@@ -199,6 +210,15 @@ async def _dispatch(ctx: CallContext, request: rpc.Request) -> None:
     except rpc.RpcError as err:
         if not request.is_notification:
             conn.send(rpc.encode_error(request.id, err))
+        return
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # Something the handler awaited was cancelled under it: still answer.
+        if not request.is_notification:
+            conn.send(rpc.encode_error(request.id, rpc.RpcError(
+                rpc.INTERNAL_ERROR, f"{request.method} was cancelled before it completed; retry")))
         return
     except Exception as exc:  # a bug must cost one request, never the connection
         logger.exception("internal error in %s", request.method)

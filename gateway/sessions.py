@@ -543,7 +543,7 @@ class SessionRegistry:
                 task.cancel()
         for future in session.turn_ended.values():
             if not future.done():
-                future.cancel()
+                future.set_result("closed")  # an interrupt waiting on the turn gets its answer
         if handle is not None and isinstance(results[0], ExitStatus):
             status = results[0]
             self._emit(session, "worker.exited", {"pid": status.pid, "returncode": status.returncode,
