@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -84,6 +85,26 @@ def display_host(host: str) -> str:
     if host in ("0.0.0.0", "::", ""):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+class RedactTokens(logging.Filter):
+    """uvicorn logs WebSocket request paths with their query string (``/ws?token=...``): the token must
+    appear in no log line but the one start-up URL, so it is masked in every record's arguments."""
+
+    _PATTERN = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+            record.msg = self._PATTERN.sub(r"\1[REDACTED]", record.msg)
+        if record.args:
+            args = record.args if isinstance(record.args, tuple) else (record.args,)
+            record.args = tuple(self._PATTERN.sub(r"\1[REDACTED]", a) if isinstance(a, str) else a for a in args)
+        return True
+
+
+def install_log_redaction() -> None:
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "worker_gateway"):
+        logging.getLogger(name).addFilter(RedactTokens())
 
 
 class GatewayServer(uvicorn.Server):
@@ -157,7 +178,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper() if isinstance(config.log_level, str) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app = create_app(config)
-    uv_config = uvicorn_config(app, config)
+    uv_config = uvicorn_config(app, config)  # configures uvicorn's loggers: add the filter after it
+    install_log_redaction()
     server = GatewayServer(uv_config, config, app.state.gateway)
     try:
         with asyncio.Runner(loop_factory=select_loop_factory(uv_config)) as runner:
