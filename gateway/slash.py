@@ -1,0 +1,244 @@
+"""A session's slash commands: the gateway-side handle of its slash worker process.
+
+One ``SlashRunner`` per session, owned by the session (its teardown funnel calls :meth:`SlashRunner.close`).
+The worker (``slash_worker.py``) starts on the first command, leads its own process group, and runs one
+command at a time; this side only moves small frames over its pipes on the event loop.  A command that
+outlives ``config.slash_timeout_s`` costs the worker: its group is killed and the next command starts a
+fresh one, so a runaway ``/grep`` can never wedge the session's commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from gateway.config import Config
+from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
+
+logger = logging.getLogger("worker_gateway.slash")
+
+WORKER_SCRIPT = Path(__file__).resolve().parent.parent / "slash_worker.py"
+_READ_CHUNK = 65536
+_POLL_S = 0.02
+#: Bound on waiting for a SIGKILLed group to vanish (only a process stuck in the kernel takes longer).
+_KILL_WAIT_S = 5.0
+
+
+class SlashState(enum.Enum):
+    IDLE = "idle"  # no worker: none started yet, or the last one was stopped
+    READY = "ready"  # a worker is running
+    CLOSED = "closed"  # the session is closing: no worker will start again
+
+
+class _WorkerGone(Exception):
+    """The worker's stdout reached EOF before it answered."""
+
+
+@dataclass
+class _Worker:
+    proc: asyncio.subprocess.Process
+    decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    stopping: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class SlashRunner:
+    """Runs ``/commands`` for one session in its slash worker.  Commands are serialised."""
+
+    def __init__(self, config: Config, cwd: str) -> None:
+        self._config = config
+        self._cwd = cwd
+        self._lock = asyncio.Lock()
+        self._worker: _Worker | None = None
+        self._state = SlashState.IDLE
+        self._next_id = 0
+
+    @property
+    def pid(self) -> int | None:
+        """The running worker's pid (also its process group id), or None."""
+        return self._worker.pid if self._worker is not None else None
+
+    @property
+    def state(self) -> SlashState:
+        return self._state
+
+    async def exec(self, command: str, snapshot: dict[str, Any]) -> dict[str, Any]:
+        """Run one command line (e.g. ``"/grep TODO src"``) and return ``{"ok": bool, "output": str}``.
+
+        User-visible failures (unknown command, bad regex, timeout, worker crash) are ``ok: false`` with a
+        message, never an exception.  Cancelling the call kills the worker (its state is unknown then).
+        """
+        name = command.strip().split(" ", 1)[0][:64] or "(empty command)"
+        async with self._lock:
+            if self._state is SlashState.CLOSED:
+                return _failure("the session is closing; slash commands are no longer available")
+            try:
+                worker = await self._ensure_worker()
+            except OSError as exc:
+                return _failure(f"could not start the slash worker: {exc}")
+            self._next_id += 1
+            request_id = self._next_id
+            timeout = self._config.slash_timeout_s
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self._roundtrip(worker, request_id, command, snapshot)
+            except TimeoutError:
+                await self._stop(worker, grace_s=0.0)
+                return _failure(f"{name} timed out after {timeout:g} s; its slash worker was stopped "
+                                "(the next command starts a fresh one)")
+            except (_WorkerGone, ChannelError, ConnectionError) as exc:
+                await self._stop(worker, grace_s=0.0)
+                if self._state is SlashState.CLOSED:
+                    return _failure(f"the session closed while {name} was running")
+                detail = _exit_detail(worker.proc.returncode) if isinstance(exc, _WorkerGone) else str(exc)
+                return _failure(f"the slash worker died while running {name} ({detail}); "
+                                "the next command starts a fresh one")
+            except BaseException:
+                _kill_group(worker.pid, signal.SIGKILL)
+                self._forget(worker)
+                raise
+
+    async def close(self) -> None:
+        """End the worker's group (EOF, SIGTERM, then SIGKILL after ``kill_grace_s``) and reap it.
+        Idempotent; does not wait for a running command (that command is answered ``ok: false``)."""
+        self._state = SlashState.CLOSED
+        worker = self._worker
+        if worker is not None:
+            await self._stop(worker, grace_s=self._config.kill_grace_s)
+
+    # Internals -----------------------------------------------------------------------------------------
+
+    async def _ensure_worker(self) -> _Worker:
+        if self._worker is not None and self._worker.proc.returncode is None:
+            return self._worker
+        if self._worker is not None:  # died between commands: make sure nothing of its group is left
+            await self._stop(self._worker, grace_s=0.0)
+        env = {k: v for k, v in os.environ.items() if k != "WORKER_GATEWAY_TOKEN"}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(WORKER_SCRIPT),
+            "--parent-pid", str(os.getpid()),
+            "--poll", str(self._config.watchdog_poll_s),
+            "--nice", str(self._config.worker_nice),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            cwd=self._cwd if os.path.isdir(self._cwd) else None,
+            env=env, start_new_session=True,
+        )
+        worker = _Worker(proc)
+        self._worker = worker
+        if self._state is SlashState.CLOSED:  # close() ran while the worker was starting
+            await self._stop(worker, grace_s=0.0)
+            raise OSError("the session is closing")
+        self._state = SlashState.READY
+        return worker
+
+    async def _roundtrip(self, worker: _Worker, request_id: int, command: str,
+                         snapshot: dict[str, Any]) -> dict[str, Any]:
+        proc = worker.proc
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(control_frame("exec", {
+            "id": request_id, "command": command, "cwd": self._cwd, "snapshot": _plain(snapshot)}))
+        await proc.stdin.drain()
+        while True:
+            data = await proc.stdout.read(_READ_CHUNK)
+            if not data:
+                await proc.wait()
+                raise _WorkerGone()
+            for frame in worker.decoder.feed(data):
+                if frame.kind is Kind.CONTROL and frame.name == "result":
+                    body = frame.json()
+                    if body.get("id") == request_id:
+                        return {"ok": bool(body.get("ok")), "output": str(body.get("output", ""))}
+
+    async def _stop(self, worker: _Worker, grace_s: float) -> None:
+        """The one way a worker ends; concurrent callers share the same stop."""
+        if worker.stopping is None:
+            worker.stopping = asyncio.create_task(self._stop_worker(worker, grace_s))
+        await asyncio.shield(worker.stopping)
+
+    async def _stop_worker(self, worker: _Worker, grace_s: float) -> None:
+        proc = worker.proc
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()  # EOF alone makes the worker (or its sentinel) end the group at once
+        if grace_s > 0:
+            _kill_group(worker.pid, signal.SIGTERM)
+            await _group_gone(worker.pid, grace_s)
+        _kill_group(worker.pid, signal.SIGKILL)
+        if not await _group_gone(worker.pid, _KILL_WAIT_S):
+            logger.warning("slash worker group %d still has live processes after SIGKILL", worker.pid)
+        try:
+            await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
+        except asyncio.TimeoutError:
+            logger.warning("slash worker %d was not reaped within %.0f s", worker.pid, _KILL_WAIT_S)
+        self._forget(worker)
+
+    def _forget(self, worker: _Worker) -> None:
+        if self._worker is worker:
+            self._worker = None
+            if self._state is SlashState.READY:
+                self._state = SlashState.IDLE
+
+
+def _failure(message: str) -> dict[str, Any]:
+    return {"ok": False, "output": message}
+
+
+def _plain(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot as JSON-safe scalars (the gateway's own objects become their ``str``)."""
+    return {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+            for k, v in snapshot.items()}
+
+
+def _exit_detail(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def _kill_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(pgid, sig)
+        else:  # Windows: no process groups to signal; the worker has no children of its own there
+            os.kill(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a non-zombie process is in group ``pgid`` (zombies are dead; init reaps them)."""
+    if not hasattr(os, "getpgid"):
+        return psutil.pid_exists(pgid)
+    for pid in psutil.pids():
+        try:
+            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+async def _group_gone(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(_POLL_S)
+    return True
