@@ -226,7 +226,8 @@ class PtyProcess:
                 stdin=slave, stdout=slave, stderr=slave,
                 cwd=cwd, env=terminal_env(env),
                 start_new_session=True,
-                preexec_fn=_child_setup(nice),
+                pass_fds=(slave,),
+                preexec_fn=_child_setup(slave, nice),
             )
         except BaseException:
             os.close(master)
@@ -307,12 +308,15 @@ def _set_winsize(fd: int, cols: int, rows: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _child_setup(nice: int):  # type: ignore[no-untyped-def]
-    """The ``preexec_fn``: runs in the child after ``setsid()``.  ``subprocess`` has no option to acquire a
-    controlling terminal, and without one a shell has no job control and never gets ``SIGWINCH``."""
+def _child_setup(slave: int, nice: int):  # type: ignore[no-untyped-def]
+    """The ``preexec_fn``.  ``subprocess`` has no option to acquire a controlling terminal, and without one
+    a shell has no job control and never gets ``SIGWINCH``.  uvloop runs this before it has set up the
+    child's stdio and possibly before ``setsid``, so it makes sure of both itself and uses the slave fd."""
 
     def setup() -> None:
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if os.getsid(0) != os.getpid():
+            os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
         if nice:
             os.nice(nice)
 

@@ -1,0 +1,213 @@
+"""Creating worker processes through ``multiprocess``'s forkserver.
+
+The forkserver is a small process, started once, that has already imported the worker code
+(``_forkserver_preload``); each worker is a ``fork()`` of it, so a new worker costs a few milliseconds and
+shares its memory copy-on-write.  Two adjustments to the stock machinery, both to keep that promise:
+
+- the gateway's ``__main__`` is *not* re-run in each child (the stock start methods do, which for the
+  ``worker-gateway`` console script would import the whole web stack into every worker);
+- processes are not registered in ``multiprocess``'s child table: the supervisor alone reads each exit
+  status from the forkserver's status pipe (the *sentinel*), so no other code can consume it first.
+
+Everything here blocks briefly (a round-trip to the forkserver): call it from a thread, not the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import multiprocess
+from multiprocess import forkserver, process, spawn, util
+from multiprocess.context import reduction, set_spawning_popen
+from multiprocess.popen_forkserver import Popen as _ForkServerPopen
+
+from workers import worker_main
+
+PRELOAD = ["workers._forkserver_preload"]
+_STATUS = struct.Struct("q")  # how the forkserver writes pids and exit codes to the sentinel
+_ctx = multiprocess.get_context("forkserver")
+_lock = threading.Lock()
+_users = 0
+
+
+class PassedFd:
+    """A file descriptor to hand to a forkserver child: pickling it queues the fd for the forkserver's
+    SCM_RIGHTS transfer, and it unpickles in the child as the child's own int fd."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _received_fd, (reduction.DupFd(self.fd),)
+
+
+def _received_fd(dup: Any) -> int:
+    return dup.detach()
+
+
+class _WorkerPopen(_ForkServerPopen):
+    """The stock forkserver launch, minus the re-execution of ``__main__`` in the child."""
+
+    def _launch(self, process_obj: Any) -> None:
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_name", None)
+        prep_data.pop("init_main_from_path", None)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        parent_w = os.dup(w)  # the child's "parent alive" sentinel, as in the stock implementation
+        self.finalizer = util.Finalize(self, util.close_fds, (parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+
+
+class _WorkerProcess(_ctx.Process):  # type: ignore[misc,name-defined]
+    @staticmethod
+    def _Popen(process_obj: Any) -> _WorkerPopen:
+        return _WorkerPopen(process_obj)
+
+
+@dataclass
+class SpawnedWorker:
+    """A started worker process and the gateway's ends of its two pipes (owned by the caller)."""
+
+    pid: int
+    sentinel: int  # readable when the forkserver reports the exit status (or dies)
+    read_fd: int  # frames from the worker
+    write_fd: int  # control frames to the worker
+    process: Any  # keeps the sentinel open; released by release_process()
+
+
+def acquire_forkserver() -> None:
+    """Count one more user of the forkserver and make sure it runs with the worker code preloaded."""
+    global _users
+    with _lock:
+        forkserver.set_forkserver_preload(PRELOAD)
+        forkserver.ensure_running()
+        _users += 1
+
+
+def release_forkserver() -> int | None:
+    """Count one user less; when none is left, ask the forkserver to exit and return its pid so the caller
+    can await and reap it (it exits once its last worker is gone)."""
+    global _users
+    with _lock:
+        _users = max(0, _users - 1)
+        if _users:
+            return None
+        server = forkserver._forkserver
+        with server._lock:
+            pid, alive_fd, address = (server._forkserver_pid, server._forkserver_alive_fd,
+                                      server._forkserver_address)
+            if pid is None:
+                return None
+            server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
+        os.close(alive_fd)  # EOF on its "alive" pipe is the forkserver's signal to exit
+        if address and not util.is_abstract_socket_namespace(address):
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+        return pid
+
+
+def spawn_worker(*, gateway_pid: int, nice: int, watchdog_poll_s: float) -> SpawnedWorker:
+    """Start one idle worker (blocking, a few ms)."""
+    to_worker_r, to_worker_w = os.pipe()
+    from_worker_r, from_worker_w = os.pipe()
+    try:
+        proc = _WorkerProcess(
+            target=worker_main.main,
+            args=(PassedFd(to_worker_r), PassedFd(from_worker_w), gateway_pid, nice, watchdog_poll_s),
+            name="agent-worker")
+        with _lock:
+            forkserver.ensure_running()
+            proc.start()
+            process._children.discard(proc)  # we read its exit status ourselves (see module docstring)
+    except BaseException:
+        for fd in (to_worker_r, to_worker_w, from_worker_r, from_worker_w):
+            os.close(fd)
+        raise
+    # The child has its own copies now; closing ours is what lets each side see EOF when the other dies.
+    os.close(to_worker_r)
+    os.close(from_worker_w)
+    return SpawnedWorker(pid=proc.pid, sentinel=proc.sentinel, read_fd=from_worker_r,
+                         write_fd=to_worker_w, process=proc)
+
+
+def read_exit_code(sentinel: int) -> int | None:
+    """The exit code the forkserver wrote (negative: killed by that signal), or None if the forkserver
+    closed the pipe without one (it died).  Call when the sentinel is readable."""
+    data = b""
+    while len(data) < _STATUS.size:
+        chunk = os.read(sentinel, _STATUS.size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return _STATUS.unpack(data)[0]
+
+
+def release_process(spawned: SpawnedWorker, returncode: int | None) -> None:
+    """Close the sentinel and the process record once the exit is known."""
+    popen = spawned.process._popen
+    if popen is not None and popen.returncode is None:
+        popen.returncode = 255 if returncode is None else returncode
+    spawned.process.close()
+
+
+def abandon(spawned: SpawnedWorker) -> None:
+    """Kill a worker nobody will own (its starter was cancelled) and close the gateway's pipe ends."""
+    try:
+        os.killpg(spawned.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    for fd in (spawned.read_fd, spawned.write_fd):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+async def await_exit(pid: int, timeout: float) -> bool:
+    """Wait (without blocking the loop) for our child ``pid`` to exit, then reap it.  False on timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfd = None
+    except (AttributeError, OSError):
+        pidfd = -1
+    if pidfd is not None and pidfd >= 0:
+        exited = loop.create_future()
+        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        try:
+            await asyncio.wait_for(exited, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+    while True:  # no pidfd: poll (rare platforms only), bounded by the deadline
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(0.02)

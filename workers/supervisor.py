@@ -1,0 +1,480 @@
+"""Start, hand out, watch and stop agent workers: the seam between the gateway and its worker processes.
+
+The gateway only sees a :class:`WorkerHandle`: a framed byte channel (``send`` / ``frames``) and a way to
+end the worker (``stop`` / ``kill`` / ``wait``).  Where the worker runs is this module's business, so a
+later backend can place workers elsewhere behind the same surface.
+
+Locally: a warm pool of idle workers forked from a forkserver (``launch``) makes ``acquire`` cost a few
+milliseconds.  Each worker leads its own process group; stopping it signals the *group* (SIGTERM, then
+SIGKILL after ``kill_grace_s``), so whatever a turn started ends with it.  Exit statuses come from the
+forkserver's status pipe, watched with ``loop.add_reader``: nothing blocks the loop and no thread waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from workers import launch
+from workers.agents import registry
+from workers.channel import (
+    DEFAULT_MAX_QUEUED_BYTES, ChannelError, Frame, FrameReader, FrameWriter, Kind, control_frame,
+    open_frame_reader, open_frame_writer)
+
+logger = logging.getLogger("worker_gateway.supervisor")
+
+#: How long to wait for a worker to die after SIGKILL before giving up on it (it is then unkillable,
+#: e.g. stuck in uninterruptible I/O; the kernel will reap it when it can).
+_KILL_CONFIRM_S = 5.0
+#: How long ``close`` waits for the forkserver to exit once its last worker is gone.
+_FORKSERVER_EXIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a worker ended: ``returncode`` when it exited, ``signal`` when a signal killed it; both None
+    when the forkserver died before reporting it."""
+
+    pid: int
+    returncode: int | None
+    signal: int | None
+
+    @classmethod
+    def from_code(cls, pid: int, code: int | None) -> ExitStatus:
+        if code is not None and code < 0:
+            return cls(pid, None, -code)
+        return cls(pid, code, None)
+
+
+class WorkerStartError(Exception):
+    """A worker could not be made ready (JSON-RPC error 5001)."""
+
+    code = 5001
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnknownAgentError(WorkerStartError):
+    """The requested agent does not exist (JSON-RPC error 4004)."""
+
+    code = 4004
+
+
+class WorkerState(enum.Enum):
+    RUNNING = "running"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+class WorkerHandle:
+    """One worker process, as the gateway sees it.  Create through :meth:`Supervisor.acquire`."""
+
+    def __init__(self, spawned: launch.SpawnedWorker, reader: FrameReader, writer: FrameWriter, *,
+                 kill_grace_s: float, on_exit: Callable[[WorkerHandle], None]) -> None:
+        self.pid = spawned.pid  # also its process group id
+        self.agent = ""
+        self._spawned = spawned
+        self._reader = reader
+        self._writer = writer
+        self._kill_grace_s = kill_grace_s
+        self._on_exit = on_exit
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[ExitStatus] = self._loop.create_future()
+        self._stopping: asyncio.Task[ExitStatus] | None = None
+        self._group_done = False  # the group got its final SIGKILL: never signal that pgid again
+        self._pidfd: int | None = None
+        self._loop.add_reader(spawned.sentinel, self._on_sentinel)
+
+    def __repr__(self) -> str:
+        return f"<WorkerHandle pid={self.pid} agent={self.agent!r} {self.state.value}>"
+
+    @property
+    def state(self) -> WorkerState:
+        if self._exited.done():
+            return WorkerState.EXITED
+        return WorkerState.STOPPING if self._stopping is not None else WorkerState.RUNNING
+
+    @property
+    def alive(self) -> bool:
+        return not self._exited.done()
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        return self._exited.result() if self._exited.done() else None
+
+    def send(self, op: str, body: dict[str, Any] | None = None) -> None:
+        """Queue a CONTROL frame to the worker without blocking.  A no-op once the worker is gone (its end
+        is reported through :meth:`wait` and the end of :meth:`frames`).  Raises :class:`ChannelError` if
+        the worker has stopped reading control frames altogether (it is broken: stop it)."""
+        if self._exited.done() or self._writer.closed:
+            return
+        self._writer.write(control_frame(op, body))
+
+    def frames(self) -> AsyncIterator[Frame]:
+        """Frames from the worker, in order; ends at EOF (the worker and everything holding its pipe are
+        gone, or :meth:`stop` finished).  Single consumer.  A slow consumer pauses the worker."""
+        return self._reader
+
+    async def wait(self) -> ExitStatus:
+        """Resolve when the worker process exits, for whatever reason."""
+        return await asyncio.shield(self._exited)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group now (non-blocking; :meth:`wait` reports the exit)."""
+        self._signal_group(signal.SIGKILL)
+
+    async def stop(self) -> ExitStatus:
+        """End the worker and its process group: SIGTERM, SIGKILL after ``kill_grace_s``, then SIGKILL to
+        whatever is left in the group.  Idempotent and safe to call concurrently; cancelling a caller does
+        not interrupt the teardown."""
+        if self._stopping is None:
+            self._stopping = self._loop.create_task(self._terminate(), name=f"stop-worker-{self.pid}")
+        return await asyncio.shield(self._stopping)
+
+    async def _terminate(self) -> ExitStatus:
+        if not self._exited.done():
+            self._signal_group(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exited), self._kill_grace_s)
+            except TimeoutError:
+                self._signal_group(signal.SIGKILL)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._exited), _KILL_CONFIRM_S)
+                except TimeoutError:
+                    logger.error("worker %d did not die %.0f s after SIGKILL", self.pid, _KILL_CONFIRM_S)
+        self._signal_group(signal.SIGKILL)  # children that ignored SIGTERM, or outlived a lone death
+        self._group_done = True
+        self._writer.close()
+        self._reader.close()
+        return self._exited.result() if self._exited.done() else ExitStatus(self.pid, None, None)
+
+    def _signal_group(self, sig: int) -> None:
+        if self._group_done:
+            return
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            if self._exited.done():
+                self._group_done = True  # empty group: its id may be recycled, so stop using it
+                return
+            # Still bootstrapping: not a group leader yet (setsid comes first thing, before it can have
+            # children).  Its exit is not reported yet, so the pid is still this worker's.
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+        except PermissionError:
+            pass
+
+    # -- exit detection ---------------------------------------------------------------------------------
+
+    def _on_sentinel(self) -> None:
+        self._loop.remove_reader(self._spawned.sentinel)
+        try:
+            code = launch.read_exit_code(self._spawned.sentinel)
+        except OSError:
+            code = None
+        if code is not None:
+            self._set_exited(code, known=True)
+            return
+        # The forkserver died without reporting: the worker may well still run (reparented), so watch the
+        # process itself from now on; its exit code is lost.
+        logger.warning("forkserver gone; watching worker %d directly", self.pid)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._set_exited(None, known=False)
+        except (AttributeError, OSError):
+            self._poll_alive()
+        else:
+            self._loop.add_reader(self._pidfd, self._set_exited, None, False)
+
+    def _poll_alive(self) -> None:
+        if self._exited.done():
+            return
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            self._set_exited(None, known=False)
+            return
+        except PermissionError:
+            pass
+        self._loop.call_later(0.2, self._poll_alive)
+
+    def _set_exited(self, code: int | None, known: bool) -> None:
+        if self._exited.done():
+            return
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        status = ExitStatus.from_code(self.pid, code) if known else ExitStatus(self.pid, None, None)
+        launch.release_process(self._spawned, code)
+        self._writer.close()
+        self._exited.set_result(status)
+        self._on_exit(self)
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class Supervisor:
+    """Owns every worker it starts: a warm pool, the handed-out workers, and the forkserver."""
+
+    def __init__(self, *, pool_size: int = 2, kill_grace_s: float = 2.0, nice: int = 5,
+                 start_timeout_s: float = 30.0, watchdog_poll_s: float = 0.5,
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
+        if pool_size < 0 or kill_grace_s <= 0 or start_timeout_s <= 0 or watchdog_poll_s <= 0:
+            raise ValueError("pool_size must be >= 0 and the durations positive")
+        self._pool_size = pool_size
+        self._kill_grace_s = kill_grace_s
+        self._nice = nice
+        self._start_timeout_s = start_timeout_s
+        self._watchdog_poll_s = watchdog_poll_s
+        self._max_queued_bytes = max_queued_bytes
+        self._gateway_pid = 0  # set by start(): the process whose death the workers watch
+        self._state = _State.NEW
+        self._pool: deque[WorkerHandle] = deque()
+        self._workers: set[WorkerHandle] = set()
+        self._spawning: set[asyncio.Future[launch.SpawnedWorker]] = set()
+        self._entry_points: list[str] | None = None
+        self._refill_wanted: asyncio.Event | None = None
+        self._refill_task: asyncio.Task[None] | None = None
+        self._failures = 0  # consecutive pool workers that died idle or failed to spawn
+        self._closing: asyncio.Task[None] | None = None
+        self._holds_forkserver = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> Supervisor:
+        return cls(pool_size=config.pool_size, kill_grace_s=config.kill_grace_s, nice=config.worker_nice,
+                   start_timeout_s=config.worker_start_timeout_s, watchdog_poll_s=config.watchdog_poll_s)
+
+    @property
+    def live_workers(self) -> int:
+        """Workers started and not yet exited: pooled and handed out."""
+        return sum(1 for w in self._workers if w.alive)
+
+    @property
+    def pool_ready(self) -> int:
+        return sum(1 for w in self._pool if w.alive)
+
+    def known_agents(self) -> list[str]:
+        """Built-in agent names, then installed entry points (read from metadata, nothing imported)."""
+        if self._entry_points is None:
+            self._entry_points = registry.entry_point_names()
+        names = list(registry.BUILTIN_AGENTS)
+        return names + [n for n in self._entry_points if n not in registry.BUILTIN_AGENTS]
+
+    async def start(self) -> None:
+        """Start the forkserver and begin filling the pool in the background."""
+        if self._state is not _State.NEW:
+            return
+        self._gateway_pid = os.getpid()
+        await asyncio.to_thread(launch.acquire_forkserver)
+        self._holds_forkserver = True
+        self._state = _State.RUNNING
+        self._entry_points = await asyncio.to_thread(registry.entry_point_names)
+        self._refill_wanted = asyncio.Event()
+        self._refill_wanted.set()
+        self._refill_task = asyncio.get_running_loop().create_task(self._refill(), name="worker-pool-refill")
+
+    async def acquire(self, agent: str, options: dict[str, Any], cwd: str | None,
+                      session_id: str) -> WorkerHandle:
+        """A worker that has loaded ``agent`` and is ready for its first prompt.
+
+        Raises :class:`UnknownAgentError` (4004) or :class:`WorkerStartError` (5001); the worker is then
+        already stopped.  If the caller is cancelled, the worker is stopped too."""
+        if self._state is not _State.RUNNING:
+            raise WorkerStartError("the worker supervisor is not running")
+        await self._check_agent(agent)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._start_timeout_s
+        handle = self._take_pooled()
+        if self._refill_wanted is not None:
+            self._refill_wanted.set()
+        if handle is None:
+            try:
+                handle = await asyncio.wait_for(self._spawn(), self._start_timeout_s)
+            except TimeoutError:
+                raise WorkerStartError(
+                    f"no worker could be started within {self._start_timeout_s:g} s") from None
+            except (OSError, ValueError, RuntimeError, EOFError) as exc:
+                raise WorkerStartError(f"could not start a worker: {exc}") from exc
+        handle.agent = agent
+        try:
+            handle.send("init", {"agent": agent, "options": options, "cwd": cwd, "session_id": session_id,
+                                 "sys_path": _import_path()})
+            first = await asyncio.wait_for(self._first_frame(handle), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            await handle.stop()
+            raise WorkerStartError(
+                f"worker {handle.pid} did not load agent {agent!r} within {self._start_timeout_s:g} s") from None
+        except BaseException:
+            await asyncio.shield(handle.stop())
+            raise
+        if first.kind is Kind.CONTROL and first.name == "ready":
+            self._failures = 0
+            return handle
+        await handle.stop()
+        if first.kind is Kind.CONTROL and first.name == "init_failed":
+            body = first.json()
+            message = str(body.get("message") or "the agent failed to start")
+            if body.get("code") == UnknownAgentError.code:
+                raise UnknownAgentError(message)
+            raise WorkerStartError(message)
+        raise WorkerStartError(f"worker {handle.pid} answered init with {first.name!r}")
+
+    async def close(self) -> None:
+        """Stop every worker (pooled and handed out) and the forkserver.  Idempotent."""
+        if self._state is _State.NEW:
+            self._state = _State.CLOSED
+            return
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close(), name="supervisor-close")
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
+        self._state = _State.CLOSED
+        if self._refill_task is not None:
+            self._refill_task.cancel()
+            await asyncio.gather(self._refill_task, return_exceptions=True)
+        # Spawns still in flight land in _workers (or are abandoned) before we stop everyone.
+        await asyncio.gather(*self._spawning, return_exceptions=True)
+        self._pool.clear()
+        await asyncio.gather(*(w.stop() for w in list(self._workers)), return_exceptions=True)
+        if not self._holds_forkserver:
+            return
+        self._holds_forkserver = False
+        pid = await asyncio.to_thread(launch.release_forkserver)
+        if pid is not None and not await launch.await_exit(pid, _FORKSERVER_EXIT_S):
+            logger.warning("forkserver %d still running %.0f s after close (other users?)",
+                           pid, _FORKSERVER_EXIT_S)
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    async def _check_agent(self, agent: str) -> None:
+        try:
+            registry.check_name(agent, self._entry_points or [])
+            return
+        except registry.UnknownAgent:
+            pass
+        self._entry_points = await asyncio.to_thread(registry.entry_point_names)  # installed since start?
+        try:
+            registry.check_name(agent, self._entry_points)
+        except registry.UnknownAgent as exc:
+            raise UnknownAgentError(str(exc)) from None
+
+    def _take_pooled(self) -> WorkerHandle | None:
+        while self._pool:
+            handle = self._pool.popleft()
+            if handle.alive:
+                return handle
+        return None
+
+    async def _first_frame(self, handle: WorkerHandle) -> Frame:
+        try:
+            return await anext(handle.frames())
+        except StopAsyncIteration:
+            status = await handle.wait()
+            raise WorkerStartError(f"worker {handle.pid} exited before it was ready ({_describe(status)})") from None
+        except ChannelError as exc:
+            raise WorkerStartError(f"worker {handle.pid} sent a corrupt frame: {exc}") from None
+
+    async def _spawn(self) -> WorkerHandle:
+        """Start a worker and register it (so ``close`` can always reach it).  The blocking part runs in a
+        thread whose result is never lost: if our caller is cancelled meanwhile, the worker is killed."""
+        future = asyncio.ensure_future(asyncio.to_thread(
+            launch.spawn_worker, gateway_pid=self._gateway_pid, nice=self._nice,
+            watchdog_poll_s=self._watchdog_poll_s))
+        self._spawning.add(future)
+        future.add_done_callback(self._spawning.discard)
+        try:
+            spawned = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_abandon_result)
+            raise
+        try:
+            reader = await open_frame_reader(spawned.read_fd, max_queued_bytes=self._max_queued_bytes)
+        except BaseException:
+            launch.abandon(spawned)
+            raise
+        try:
+            writer = await open_frame_writer(spawned.write_fd)
+        except BaseException:
+            reader.close()
+            launch.abandon(spawned)
+            raise
+        handle = WorkerHandle(spawned, reader, writer, kill_grace_s=self._kill_grace_s, on_exit=self._on_exit)
+        self._workers.add(handle)
+        if self._state is _State.CLOSED:
+            await asyncio.shield(handle.stop())
+            raise WorkerStartError("the worker supervisor was closed")
+        return handle
+
+    async def _refill(self) -> None:
+        assert self._refill_wanted is not None
+        while self._state is _State.RUNNING:
+            await self._refill_wanted.wait()
+            self._refill_wanted.clear()
+            while self._state is _State.RUNNING and self.pool_ready < self._pool_size:
+                if self._failures:
+                    await asyncio.sleep(min(30.0, 0.05 * 2 ** min(self._failures, 10)))
+                try:
+                    handle = await self._spawn()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._failures += 1
+                    logger.exception("could not start a pool worker (attempt %d)", self._failures)
+                    continue
+                self._pool.append(handle)
+
+    def _on_exit(self, handle: WorkerHandle) -> None:
+        self._workers.discard(handle)
+        if handle in self._pool:
+            self._pool.remove(handle)
+            if handle._stopping is None and self._state is _State.RUNNING:
+                self._failures += 1
+                logger.warning("idle pool worker %d exited (%s)", handle.pid, _describe(handle.exit_status))
+        if self._refill_wanted is not None:
+            self._refill_wanted.set()
+
+
+def _import_path() -> list[str]:
+    """The gateway's ``sys.path`` for the worker to resolve ``module:attr`` agents as the gateway would;
+    "" (the current directory) is pinned to the gateway's, never the session's cwd, so a project directory
+    cannot shadow agent modules."""
+    here = os.getcwd()
+    return [entry or here for entry in sys.path]
+
+
+def _abandon_result(future: asyncio.Future[launch.SpawnedWorker]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        launch.abandon(future.result())
+
+
+def _describe(status: ExitStatus | None) -> str:
+    if status is None:
+        return "still running"
+    if status.signal is not None:
+        try:
+            name = signal.Signals(status.signal).name
+        except ValueError:
+            name = str(status.signal)
+        return f"killed by {name}"
+    if status.returncode is None:
+        return "exit status unknown"
+    return f"exit code {status.returncode}"

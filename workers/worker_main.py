@@ -1,0 +1,217 @@
+"""The agent worker process: the main loop that serves one session.
+
+Life of a worker (started idle by the supervisor's warm pool, through the forkserver):
+
+1. become the leader of a new process group and session, lower its priority, fork its watchdog;
+2. wait for CONTROL ``init`` {agent, options, cwd, session_id, sys_path}; load and start the agent; answer
+   ``ready`` {pid, agent} or ``init_failed`` {code, message} (4004 unknown agent, 5001 anything else);
+3. run ``prompt`` {turn_id, text} one at a time on the main thread, each framed by ``turn.start`` and
+   exactly one ``turn.complete``; a reader thread takes ``cancel`` {turn_id} meanwhile;
+4. when the control pipe from the gateway ends (or breaks), kill the whole group at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import traceback
+from typing import Any
+
+from workers.agents.base import TurnCancelled, TurnHandle, TurnResult
+from workers.agents.registry import AgentLoadError, UnknownAgent, load_factory
+from workers.channel import BlockingChannel, ChannelError, Frame, Kind
+from workers.watchdog import start_watchdog
+
+logger = logging.getLogger("worker_gateway.worker")
+
+INIT_UNKNOWN_AGENT = 4004
+INIT_FAILED = 5001
+
+
+def main(read_fd: int, write_fd: int, gateway_pid: int, nice: int, watchdog_poll_s: float) -> None:
+    """Entry point in the forked worker.  ``read_fd``/``write_fd`` are this side's pipe ends."""
+    os.setsid()
+    for fd in (read_fd, write_fd):  # fds received over SCM_RIGHTS are inheritable: keep them from commands
+        os.set_inheritable(fd, False)
+    # stdout belongs to the gateway (its ready line); anything an agent prints goes to stderr instead.
+    os.dup2(2, 1)
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    start_watchdog(gateway_pid=gateway_pid, lifeline_fd=read_fd, poll_s=watchdog_poll_s)
+    channel = BlockingChannel(read_fd, write_fd)
+    try:
+        _serve(channel)
+    except (OSError, ChannelError, _GatewayGone) as exc:  # the gateway went away or the stream broke
+        logger.debug("worker %d: channel closed: %s", os.getpid(), exc)
+        _end_group()
+
+
+def _serve(channel: BlockingChannel) -> None:
+    frame = channel.recv()
+    if frame is None:
+        _end_group()
+        return
+    if frame.kind is not Kind.CONTROL or frame.name != "init":
+        channel.send_control("init_failed", {"code": INIT_FAILED,
+                                             "message": f"expected an init frame, got {frame.name!r}"})
+        return
+    body = frame.json()
+    try:
+        agent, name = _start_agent(body)
+    except _InitError as exc:
+        channel.send_control("init_failed", {"code": exc.code, "message": str(exc)})
+        return
+    channel.send_control("ready", {"pid": os.getpid(), "agent": name})
+    _Session(channel, agent).serve()
+
+
+class _GatewayGone(BaseException):
+    """The pipe to the gateway broke while a turn was emitting.  A BaseException, so that an agent's
+    ``except Exception`` cannot swallow it and keep a session alive that nobody can see any more."""
+
+
+class _InitError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _start_agent(body: dict[str, Any]) -> tuple[Any, str]:
+    name = body.get("agent")
+    options = body.get("options") or {}
+    cwd = body.get("cwd")
+    if not isinstance(name, str) or not name:
+        raise _InitError(INIT_UNKNOWN_AGENT, "init without an agent name")
+    if not isinstance(options, dict):
+        raise _InitError(INIT_FAILED, "agent options must be an object")
+    for entry in body.get("sys_path") or ():
+        if isinstance(entry, str) and entry not in sys.path:
+            sys.path.append(entry)
+    if cwd:
+        try:
+            os.chdir(cwd)
+        except OSError as exc:
+            raise _InitError(INIT_FAILED, f"cannot use cwd {cwd!r}: {exc.strerror}") from None
+    try:
+        factory = load_factory(name)
+    except UnknownAgent as exc:
+        raise _InitError(INIT_UNKNOWN_AGENT, str(exc)) from None
+    except AgentLoadError as exc:
+        raise _InitError(INIT_FAILED, str(exc)) from None
+    try:
+        agent = factory(options, os.getcwd())
+        start = getattr(agent, "start", None)
+        if start is not None:
+            start()
+    except Exception as exc:
+        traceback.print_exc()
+        raise _InitError(INIT_FAILED, f"agent {name!r} failed to start: {type(exc).__name__}: {exc}") from None
+    if not callable(getattr(agent, "run_turn", None)):
+        raise _InitError(INIT_FAILED, f"agent {name!r} has no run_turn(text, turn) method")
+    return agent, name
+
+
+class _Session:
+    """Runs turns on the main thread; a daemon thread reads control frames (prompts, cancels)."""
+
+    def __init__(self, channel: BlockingChannel, agent: Any) -> None:
+        self._channel = channel
+        self._agent = agent
+        self._prompts: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._current: tuple[Any, threading.Event] | None = None
+        self._early_cancel: Any = None
+
+    def serve(self) -> None:
+        """Serve turns until the process ends: a worker's life ends by a signal to its group (stop) or
+        by the control pipe closing, never by returning from here."""
+        threading.Thread(target=self._read_controls, name="control-reader", daemon=True).start()
+        while True:
+            self._run_turn(self._prompts.get())
+
+    def _read_controls(self) -> None:
+        try:
+            while (frame := self._channel.recv()) is not None:
+                self._on_control(frame)
+        except (OSError, ChannelError) as exc:
+            logger.warning("worker %d: control channel failed: %s", os.getpid(), exc)
+        # The gateway is gone: end the group now, even mid-turn (the watchdog would, a moment later).
+        _end_group()
+
+    def _on_control(self, frame: Frame) -> None:
+        if frame.kind is not Kind.CONTROL or frame.name not in ("prompt", "cancel"):
+            logger.warning("worker %d: ignoring frame %s %r", os.getpid(), frame.kind.name, frame.name)
+            return
+        try:
+            body = frame.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            logger.warning("worker %d: ignoring %r with a malformed body", os.getpid(), frame.name)
+            return
+        if frame.name == "prompt":
+            self._prompts.put(body)
+        else:
+            self._cancel(body.get("turn_id"))
+
+    def _cancel(self, turn_id: Any) -> None:
+        with self._lock:
+            if self._current is not None and self._current[0] == turn_id:
+                self._current[1].set()
+            else:  # the prompt may still be queued here: cancel it as it starts
+                self._early_cancel = turn_id
+
+    def _run_turn(self, body: dict[str, Any]) -> None:
+        turn_id = body.get("turn_id")  # echoed as given: the gateway owns its type
+        text = body.get("text")
+        text = text if isinstance(text, str) else ""
+        cancel = threading.Event()
+        with self._lock:
+            self._current = (turn_id, cancel)
+            if self._early_cancel is not None and self._early_cancel == turn_id:
+                cancel.set()
+                self._early_cancel = None
+        handle = TurnHandle(turn_id, self._emit, cancel)
+        self._channel.send_event("turn.start", {"turn_id": turn_id, "text": text})
+        try:
+            payload = self._complete_payload(turn_id, text, handle)
+        finally:
+            with self._lock:
+                self._current = None
+        self._channel.send_event("turn.complete", payload)
+
+    def _emit(self, event_type: str, payload: dict[str, Any]) -> None:
+        try:
+            self._channel.send_event(event_type, payload)
+        except OSError as exc:
+            raise _GatewayGone() from exc
+
+    def _complete_payload(self, turn_id: Any, text: str, handle: TurnHandle) -> dict[str, Any]:
+        payload: dict[str, Any] = {"turn_id": turn_id}
+        try:
+            result = self._agent.run_turn(text, handle)
+        except TurnCancelled:
+            result = TurnResult("interrupted")
+        except Exception as exc:
+            traceback.print_exc()
+            result = TurnResult("error", error=f"{type(exc).__name__}: {exc}")
+        if not isinstance(result, TurnResult):
+            result = TurnResult("interrupted" if handle.cancelled else "ok")
+        payload.update({k: v for k, v in result.extra.items() if k not in ("turn_id", "status", "error")})
+        payload["status"] = result.status
+        if result.error is not None or result.status == "error":
+            payload["error"] = result.error or "turn failed"
+        return payload
+
+
+def _end_group() -> None:
+    """SIGKILL this worker's process group: the worker, its watchdog, everything a turn started."""
+    sys.stderr.flush()
+    os.killpg(0, signal.SIGKILL)
