@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench clean browser-deps chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,42 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/worker-gateway serve --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup browser-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Browser test dependencies (tests/test_browser.py): Playwright for Python, Debian's Chromium (Playwright's
+# own browser download is not used) and xterm.js from the npm registry, pinned by package-lock.json and
+# copied into the git-ignored gateway/static/vendor/.  `make run` needs none of this: without vendor/ the
+# dashboard works without its terminal tab and says why.
+VENDOR        := gateway/static/vendor
+VENDOR_STAMP  := $(VENDOR)/.installed
+BROWSER_STAMP := $(VENV)/.browser-installed
+CHROMIUM      ?= /usr/bin/chromium
+
+browser-deps: $(BROWSER_STAMP) $(VENDOR_STAMP) chromium
+
+$(BROWSER_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[browser]'
+	@touch $(BROWSER_STAMP)
+
+$(VENDOR_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is needed to install xterm.js (apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p $(VENDOR)
+	cp node_modules/@xterm/xterm/lib/xterm.js node_modules/@xterm/xterm/css/xterm.css \
+	   node_modules/@xterm/addon-fit/lib/addon-fit.js node_modules/@xterm/xterm/LICENSE $(VENDOR)/
+	@touch $(VENDOR_STAMP)
+
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's chromium"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+	  || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+	       DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
+	else \
+	  echo "warning: $(CHROMIUM) is missing and this is not root with apt-get: the browser test will be skipped" >&2; \
+	fi
 
 bench: setup
 	$(PY) -m bench
