@@ -232,13 +232,23 @@ async def test_running_session_outlives_grace_until_its_turn_ends(gateway_factor
     async with RpcClient.connect(gw.url()) as client:
         created = await client.call("session.create", agent="load")
         sid, pid = created["session_id"], created["worker_pid"]
-        await client.call("prompt.submit", session_id=sid, text="cpu_s=3")
+        await client.call("prompt.submit", session_id=sid, text="cpu_s=4")
         await client.wait_event(sid, "turn.start")
+    detached_at = time.monotonic()
     async with RpcClient.connect(gw.url()) as watcher:
-        await asyncio.sleep(0)  # grace (0.5 s) passes while the turn runs
-        await async_wait_for(lambda: group_gone(pid), 20, what="reap after the turn ended")
-    async with RpcClient.connect(gw.url()) as client:
-        assert (await client.call("session.active_list"))["sessions"] == []
+        # Observe the session well past its grace while its turn still runs: it must stay.
+        observed_running_after_grace = False
+        for _ in range(200):
+            listed = (await watcher.call("session.active_list"))["sessions"]
+            if not listed:
+                break
+            if time.monotonic() - detached_at > 1.5 and listed[0]["status"] == "running":
+                observed_running_after_grace = True
+                break
+            await asyncio.sleep(0.05)
+        assert observed_running_after_grace, "a running session was reaped before its turn ended"
+        await async_wait_for(lambda: group_gone(pid), 30, what="reap after the turn ended")
+        assert (await watcher.call("session.active_list"))["sessions"] == []
 
 
 async def test_idle_ttl(gateway_factory) -> None:
