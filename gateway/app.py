@@ -143,12 +143,38 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         await websocket.close(code=1013, reason="connection limit reached")
         return
     metrics = state.metrics
-    conn = Connection(websocket, state.config.outbound_max_bytes, on_sent=metrics.bytes_sent.inc)
+    config = state.config
+    stall_timeout = (config.ws_ping_interval + config.ws_ping_timeout
+                     if config.ws_ping_interval is not None and config.ws_ping_timeout is not None else None)
+    conn = Connection(websocket, config.outbound_max_bytes, on_sent=metrics.bytes_sent.inc,
+                      stall_timeout=stall_timeout)
     state.connections.add(conn)
     metrics.ws_connections.inc()
     metrics.ws_connections_total.inc()
     conn.start()
     conn.send(state.ready_event())
+    receiving = asyncio.get_running_loop().create_task(_receive_loop(state, websocket, conn),
+                                                       name=f"ws-receiver-{conn.id}")
+    try:
+        # A peer that stopped reading never produces a disconnect (see Connection.stalled): stop waiting
+        # for one then, so that its sessions are detached and reaped like any other disconnect.
+        await asyncio.wait((receiving, conn.stalled), return_when=asyncio.FIRST_COMPLETED)
+        if receiving.done():
+            receiving.result()
+    finally:
+        receiving.cancel()
+        if not conn.stalled.done():
+            conn.stalled.cancel()
+        await conn.aclose()
+        state.connections.discard(conn)
+        metrics.ws_connections.dec()
+        if state.sessions is not None:
+            await state.sessions.connection_lost(conn)
+
+
+async def _receive_loop(state: GatewayState, websocket: WebSocket, conn: Connection) -> None:
+    """Read client frames until the disconnect; answer or dispatch each one."""
+    metrics = state.metrics
     bucket = TokenBucket(state.config.rate_per_s, state.config.rate_burst)
     tasks: set[asyncio.Task[None]] = set()
     try:
@@ -183,12 +209,6 @@ async def ws_endpoint(websocket: WebSocket) -> None:
             task.add_done_callback(tasks.discard)
     except WebSocketDisconnect:
         pass
-    finally:
-        await conn.aclose()
-        state.connections.discard(conn)
-        metrics.ws_connections.dec()
-        if state.sessions is not None:
-            await state.sessions.connection_lost(conn)
 
 
 def _answer_limit(conn: Connection, data: str, config: Config) -> None:
@@ -198,8 +218,8 @@ def _answer_limit(conn: Connection, data: str, config: Config) -> None:
         request_id = exc.request_id
     conn.send(rpc.encode_error(request_id, rpc.RpcError(
         rpc.LIMIT_REACHED,
-        f"rate limit reached: at most {config.rate_per_s:g} requests/s per connection "
-        f"(burst {config.rate_burst}); slow down and retry",
+        f"rate limit reached: rate_per_s={config.rate_per_s:g} requests/s per connection "
+        f"(rate_burst={config.rate_burst}); slow down and retry",
         {"limit": "rate_per_s"})))
 
 

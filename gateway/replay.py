@@ -1,9 +1,13 @@
 """Bounded per-session replay buffer of encoded events, indexed by ``seq``.
 
 The session assigns ``seq`` (1, 2, 3, ... gapless) and appends every event here before delivering it, so
-a resume or ``session.events.since`` is a slice of this buffer.  Old events are evicted when either bound
-is exceeded; the session never lets an event that was not yet delivered be evicted (it pauses the worker's
-pipe first), so eviction only costs clients that ask for history they already had.
+a resume or ``session.events.since`` is a slice of this buffer.
+
+Only *settled* events can be evicted: those already handed to a client's socket.  An event queued for a
+client that then drops is not settled, so the resume that follows finds it here.  The buffer keeps the
+newest ``max_events`` / ``max_bytes`` of settled events, which covers what can still be in flight in the
+kernel's and the client's socket buffers when a connection dies.  Unsettled events are bounded by the
+session, which stops reading its worker's pipe while too many are pending.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ class ReplayBuffer:
         self._frames: collections.deque[str] = collections.deque()
         self._bytes = 0
         self._first_seq = 1  # seq of self._frames[0]
+        self._settled_seq = 0  # events up to here reached a socket
+        self._settled_bytes = 0  # bytes of the held events with seq <= _settled_seq
 
     @property
     def last_seq(self) -> int:
@@ -37,8 +43,20 @@ class ReplayBuffer:
         return self._first_seq
 
     @property
+    def settled_seq(self) -> int:
+        return self._settled_seq
+
+    @property
     def nbytes(self) -> int:
         return self._bytes
+
+    @property
+    def unsettled_count(self) -> int:
+        return self.last_seq - self._settled_seq
+
+    @property
+    def unsettled_bytes(self) -> int:
+        return self._bytes - self._settled_bytes
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -48,8 +66,22 @@ class ReplayBuffer:
             raise ValueError(f"seq {seq} does not follow {self.last_seq}")
         self._frames.append(frame)
         self._bytes += len(frame)
-        while len(self._frames) > 1 and (len(self._frames) > self.max_events or self._bytes > self.max_bytes):
-            self._bytes -= len(self._frames.popleft())
+
+    def settle(self, through_seq: int) -> None:
+        """Events up to ``through_seq`` reached a socket: keep only the newest bounded share of those."""
+        through_seq = min(through_seq, self.last_seq)
+        if through_seq <= self._settled_seq:
+            return
+        for seq in range(max(self._settled_seq + 1, self._first_seq), through_seq + 1):
+            self._settled_bytes += len(self._frames[seq - self._first_seq])
+        self._settled_seq = through_seq
+        frames = self._frames
+        while (self._settled_seq >= self._first_seq
+               and (self._settled_seq - self._first_seq + 1 > self.max_events
+                    or self._settled_bytes > self.max_bytes)):
+            size = len(frames.popleft())
+            self._bytes -= size
+            self._settled_bytes -= size
             self._first_seq += 1
 
     def get(self, seq: int) -> str | None:

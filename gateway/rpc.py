@@ -8,6 +8,7 @@ Everything here is a pure function of its inputs, so the whole wire contract of 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +171,31 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+#: A hint that a frame may hold an unpaired surrogate: a ``\\uD800``-``\\uDFFF`` escape, or such a code point.
+_SURROGATE_HINT = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|[\ud800-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def has_lone_surrogate(value: Any) -> bool:
+    """True when a string (key or value) anywhere in ``value`` holds an unpaired surrogate.
+
+    ``json.loads`` accepts ``"\\ud800"`` and returns a ``str`` that cannot be encoded as UTF-8, so echoing
+    it (in an error, as an id) or forwarding it to a worker would fail later, far from the cause.
+    Iterative: no recursion limit to hit."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def _valid_id(value: Any) -> bool:
     if isinstance(value, bool):
         return False
@@ -204,6 +230,11 @@ def parse_request(
         raise RequestError(RpcError(INVALID_REQUEST, f"a request must be a JSON object, got {_type_name(obj)}"), None)
     raw_id = obj.get("id")
     req_id = raw_id if _valid_id(raw_id) else None
+    if _SURROGATE_HINT.search(text) and has_lone_surrogate(obj):
+        if has_lone_surrogate(req_id):
+            req_id = None
+        raise RequestError(RpcError(INVALID_REQUEST, "request holds a string with an unpaired UTF-16 surrogate "
+                                    "(e.g. \"\\ud800\"): strings must be valid Unicode"), req_id)
     if json_depth_exceeds(obj, max_depth):
         raise RequestError(RpcError(INVALID_REQUEST, f"request nests deeper than {max_depth} levels"), req_id)
     if obj.get("jsonrpc") != JSONRPC:

@@ -7,8 +7,9 @@ Event flow of a session::
 
 ``_produce`` assigns the next ``seq`` and appends the encoded event to the replay buffer synchronously, so
 events produced by the gateway itself (``worker.exited``, ``session.closed``...) and those relayed from the
-worker share one gapless order.  ``_pump`` then delivers from the buffer while the owner has room.  The
-reader stops pulling frames while too much is undelivered (slow or absent owner): the worker's pipe fills
+worker share one gapless order.  ``_pump`` then delivers from the buffer while the owner has room; an
+event leaves the buffer only after it reached the owner's socket (``ReplayBuffer.settle``).  The reader
+stops pulling frames while too much is unsettled (slow or absent owner): the worker's pipe fills
 and the worker blocks.  Nothing is dropped and memory is bounded by the replay buffer.
 
 Every way a session ends (close, disconnect, grace expiry, idle TTL, shutdown) calls
@@ -79,8 +80,7 @@ class Session:
         self.slash: SlashRunner | None = None
         self.replay = ReplayBuffer(config.replay_max_events, config.replay_max_bytes)
         self.seq = 0
-        self.delivered = 0
-        self.undelivered_bytes = 0
+        self.delivered = 0  # last seq queued to the owner
         self.room = asyncio.Event()
         self.room.set()
         self.queue: collections.deque[tuple[str, str]] = collections.deque()
@@ -296,11 +296,9 @@ class SessionRegistry:
                 "replayed": len(held.frames), "truncated": held.truncated}))
             if held.truncated:
                 conn.send(rpc.encode_event("replay.truncated", {"first_seq": held.first_seq}, session.id, None))
-            for frame in held.frames:
-                conn.send(frame)
+            for seq, frame in enumerate(held.frames, session.seq - len(held.frames) + 1):
+                conn.send(frame, self._settler(session, conn, seq))
             session.delivered = session.seq
-            session.undelivered_bytes = 0
-            session.room.set()
 
         return send
 
@@ -321,18 +319,18 @@ class SessionRegistry:
         session.seq += 1
         text = rpc.wrap_event(event_type, payload_json, session.id, session.seq).decode("utf-8", "replace")
         session.replay.append(session.seq, text)
-        session.undelivered_bytes += len(text)
         session.touch()
         self.metrics.events_relayed.inc()
         self.metrics.bytes_relayed.inc(len(text))
         if event_type == "turn.start":
             session.status = SessionStatus.RUNNING
         elif event_type == "turn.complete":
+            self.metrics.turn_completed(payload_json)
             self._turn_finished(session)
         self._pump(session)
 
     def _pump(self, session: Session) -> None:
-        """Deliver undelivered events to the owner while it has room."""
+        """Queue undelivered events to the owner while it has room."""
         owner = session.owner
         if owner is not None and owner.is_open:
             replay = session.replay
@@ -343,15 +341,25 @@ class SessionRegistry:
                     owner.send(rpc.encode_event("replay.truncated", {"first_seq": replay.first_seq}, session.id, None))
                     session.delivered = replay.first_seq - 1
                     continue
-                owner.send(frame)
+                owner.send(frame, self._settler(session, owner, seq))
                 session.delivered = seq
-                session.undelivered_bytes -= len(frame)
-        if self._has_room(session):
-            session.room.set()
+
+    def _settler(self, session: Session, conn: Connection, seq: int) -> Callable[[], None]:
+        """What the connection calls once event ``seq`` reached its socket."""
+
+        def settled() -> None:
+            if session.owner is conn:  # a superseded owner's sends say nothing about the new owner
+                session.replay.settle(seq)
+                if self._has_room(session):
+                    session.room.set()
+
+        return settled
 
     def _has_room(self, session: Session) -> bool:
-        return (session.seq - session.delivered < self.config.replay_max_events // 2
-                and session.undelivered_bytes < self.config.replay_max_bytes // 2)
+        """Whether the reader may take another frame from the worker: unsettled events are bounded."""
+        replay = session.replay
+        return (replay.unsettled_count < self.config.replay_max_events // 2
+                and replay.unsettled_bytes < self.config.replay_max_bytes // 2)
 
     async def _read_worker(self, session: Session, handle: WorkerHandle) -> None:
         corrupt: str | None = None

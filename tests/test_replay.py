@@ -11,6 +11,7 @@ def filled(n: int, max_events: int = 100, max_bytes: int = 10**9) -> ReplayBuffe
     buf = ReplayBuffer(max_events, max_bytes)
     for seq in range(1, n + 1):
         buf.append(seq, f"e{seq}")
+    buf.settle(n)
     return buf
 
 
@@ -33,7 +34,22 @@ def test_byte_bound() -> None:
     buf = ReplayBuffer(1000, 100)
     for seq in range(1, 51):
         buf.append(seq, "x" * 10)
+        buf.settle(seq)
     assert buf.nbytes <= 100 and buf.last_seq == 50 and buf.first_seq == 41
+
+
+def test_unsettled_events_are_never_evicted() -> None:
+    buf = ReplayBuffer(10, 10**9)
+    for seq in range(1, 51):
+        buf.append(seq, f"e{seq}")
+    assert len(buf) == 50 and buf.first_seq == 1 and buf.unsettled_count == 50
+    buf.settle(30)  # 30 reached a socket: keep the newest 10 of those, and every unsettled one
+    assert buf.first_seq == 21 and buf.last_seq == 50 and buf.unsettled_count == 20
+    assert buf.unsettled_bytes == sum(len(f"e{s}") for s in range(31, 51))
+    buf.settle(25)  # settling is monotonic
+    assert buf.settled_seq == 30
+    buf.settle(50)
+    assert buf.first_seq == 41 and buf.unsettled_count == 0 and buf.unsettled_bytes == 0
 
 
 def test_gaps_are_refused() -> None:
