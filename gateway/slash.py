@@ -15,21 +15,19 @@ import logging
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 
 from gateway.config import Config
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
+from workers.pgroup import signal_group, wait_group_gone
 
 logger = logging.getLogger("worker_gateway.slash")
 
 WORKER_SCRIPT = Path(__file__).resolve().parent.parent / "slash_worker.py"
 _READ_CHUNK = 65536
-_POLL_S = 0.02
 #: Bound on waiting for a SIGKILLed group to vanish (only a process stuck in the kernel takes longer).
 _KILL_WAIT_S = 5.0
 
@@ -107,7 +105,7 @@ class SlashRunner:
                 return _failure(f"the slash worker died while running {name} ({detail}); "
                                 "the next command starts a fresh one")
             except BaseException:
-                _kill_group(worker.pid, signal.SIGKILL)
+                signal_group(worker.pid, signal.SIGKILL)
                 self._forget(worker)
                 raise
 
@@ -173,10 +171,10 @@ class SlashRunner:
         if proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.close()  # EOF alone makes the worker (or its sentinel) end the group at once
         if grace_s > 0:
-            _kill_group(worker.pid, signal.SIGTERM)
-            await _group_gone(worker.pid, grace_s)
-        _kill_group(worker.pid, signal.SIGKILL)
-        if not await _group_gone(worker.pid, _KILL_WAIT_S):
+            signal_group(worker.pid, signal.SIGTERM)
+            await wait_group_gone(worker.pid, grace_s)
+        signal_group(worker.pid, signal.SIGKILL)
+        if not await wait_group_gone(worker.pid, _KILL_WAIT_S):
             logger.warning("slash worker group %d still has live processes after SIGKILL", worker.pid)
         try:
             await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
@@ -212,33 +210,3 @@ def _exit_detail(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-def _kill_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        if hasattr(os, "killpg"):
-            os.killpg(pgid, sig)
-        else:  # Windows: no process groups to signal; the worker has no children of its own there
-            os.kill(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while a non-zombie process is in group ``pgid`` (zombies are dead; init reaps them)."""
-    if not hasattr(os, "getpgid"):
-        return psutil.pid_exists(pgid)
-    for pid in psutil.pids():
-        try:
-            if os.getpgid(pid) == pgid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return True
-        except (OSError, psutil.Error):
-            continue
-    return False
-
-
-async def _group_gone(pgid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _group_alive(pgid):
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(_POLL_S)
-    return True

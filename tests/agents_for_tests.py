@@ -22,6 +22,17 @@ class IgnoreTerm(Agent):
         return None
 
 
+class Stubborn(Agent):
+    """A turn that never looks at its cancel flag (like C code holding the GIL): only a kill stops it."""
+
+    def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
+        turn.delta("working")
+        deadline = time.monotonic() + float(text or 60)
+        while time.monotonic() < deadline:
+            pass
+        return None
+
+
 class FailStart(Agent):
     def start(self) -> None:
         raise RuntimeError("database unreachable")

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
+import hypothesis  # noqa: F401  imported up front: the hypothesis plugin imports it lazily in pytest's
+#                  summary, which after some failures trips a CPython 3.11 AST bug and hides the report
 import psutil
 import pytest
 import websockets

@@ -338,16 +338,28 @@ class _WriterProtocol(asyncio.BaseProtocol):
         self._writer._lost()
 
 
+def _pipe_file(loop: asyncio.AbstractEventLoop, fd: int, mode: str) -> Any:
+    """A file object for ``connect_*_pipe`` that leaves exactly one owner of ``fd``.
+
+    The stdlib loop closes a pipe by closing the file object, so the file must own the fd.  uvloop hands
+    the fd to libuv, which closes it, and then closes the file object too: an owning file would close the
+    same number a second time, by then possibly another thread's new pipe or a client's socket."""
+    owns_fd = not type(loop).__module__.startswith("uvloop")
+    return open(fd, mode, buffering=0, closefd=owns_fd)
+
+
 async def open_frame_reader(fd: int, *, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
                             max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES) -> FrameReader:
     """Wrap the read end ``fd`` of a pipe (ownership passes to the reader) in a :class:`FrameReader`."""
     loop = asyncio.get_running_loop()
     reader = FrameReader(max_queued_bytes=max_queued_bytes, max_queued_frames=max_queued_frames)
-    pipe = open(fd, "rb", buffering=0, closefd=True)
+    pipe = _pipe_file(loop, fd, "rb")
     try:
         await loop.connect_read_pipe(lambda: _ReaderProtocol(reader), pipe)
     except BaseException:
         pipe.close()
+        if not pipe.closefd:  # no transport took the fd over
+            os.close(fd)
         raise
     return reader
 
@@ -356,11 +368,13 @@ async def open_frame_writer(fd: int, *, max_buffer: int = DEFAULT_MAX_WRITE_BUFF
     """Wrap the write end ``fd`` of a pipe (ownership passes to the writer) in a :class:`FrameWriter`."""
     loop = asyncio.get_running_loop()
     writer = FrameWriter(max_buffer=max_buffer)
-    pipe = open(fd, "wb", buffering=0, closefd=True)
+    pipe = _pipe_file(loop, fd, "wb")
     try:
         await loop.connect_write_pipe(lambda: _WriterProtocol(writer), pipe)
     except BaseException:
         pipe.close()
+        if not pipe.closefd:  # no transport took the fd over
+            os.close(fd)
         raise
     return writer
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from workers import launch
+from workers import launch, pgroup
 from workers.agents import registry
 from workers.channel import (
     DEFAULT_MAX_QUEUED_BYTES, ChannelError, Frame, FrameReader, FrameWriter, Kind, control_frame,
@@ -153,6 +153,10 @@ class WorkerHandle:
                 except TimeoutError:
                     logger.error("worker %d did not die %.0f s after SIGKILL", self.pid, _KILL_CONFIRM_S)
         self._signal_group(signal.SIGKILL)  # children that ignored SIGTERM, or outlived a lone death
+        # The group's other members (the watchdog, the agent's commands) die a few ms after the leader:
+        # "stopped" means the whole group is gone.
+        if not await pgroup.wait_group_gone(self.pid, _KILL_CONFIRM_S):
+            logger.error("worker group %d still has live processes %.0f s after SIGKILL", self.pid, _KILL_CONFIRM_S)
         self._group_done = True
         self._writer.close()
         self._reader.close()
