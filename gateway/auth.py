@@ -98,13 +98,15 @@ def _split_host(host_header: str) -> tuple[str, str | None]:
 
 
 def origin_allowed(origin: str, host_header: str | None, config: Config) -> bool:
-    """Same-origin with the request's Host, listed in ``--allow-origin``, or (loopback binds only) an
-    opaque ``null`` / ``file://`` origin from a local page."""
+    """Same-origin with the request's Host, listed in ``--allow-origin``, or (loopback binds with auth on)
+    an opaque ``null`` / ``file://`` origin from a local page.  With ``--no-auth`` an opaque origin must be
+    listed: any web site can embed a sandboxed iframe whose origin is ``null``, and without a token the
+    origin check is all that stands between that page and a shell."""
     normalized = origin.strip().rstrip("/").lower()
     if normalized in config.allowed_origins:
         return True
     if normalized == "null" or normalized.startswith("file:"):
-        return config.loopback
+        return config.loopback and config.auth_required
     parts = urlsplit(normalized)
     if parts.scheme not in ("http", "https") or not parts.hostname or host_header is None:
         return False

@@ -37,6 +37,7 @@ class Knob:
     maximum: float | None = None
     optional: bool = False  # accepts "none"/"off" meaning None
     flag: str | None = None  # defaults to --name-with-dashes
+    choices: tuple[str, ...] | None = None  # for str knobs: the accepted values
 
     @property
     def env(self) -> str:
@@ -66,7 +67,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("allow_origin", str, "", "comma-separated extra origins allowed to open WebSockets"),
     Knob("metrics_public", bool, False, "serve /metrics without auth"),
     Knob("max_message_bytes", int, _MIB, "largest client WebSocket message; larger closes with 1009", 1024, None),
-    Knob("log_level", str, "info", "log level: debug, info, warning, error"),
+    Knob("log_level", str, "info", "log level", choices=("critical", "error", "warning", "info", "debug", "trace")),
     # Workers
     Knob("pool_size", int, 2, "warm agent workers kept ready (0 = cold start per session)", 0, 64),
     Knob("kill_grace_s", float, 2.0, "seconds between SIGTERM and SIGKILL when stopping a worker group", 0.05, 60),
@@ -117,7 +118,9 @@ def parse_value(knob: Knob, raw: str) -> Any:
             return False
         raise ValueError(f"expected a boolean (1/0, true/false), got {raw!r}")
     if knob.kind is str:
-        return text
+        if knob.choices is not None and text.lower() not in knob.choices:
+            raise ValueError(f"expected one of {', '.join(knob.choices)}, got {raw!r}")
+        return text.lower() if knob.choices is not None else text
     try:
         value = knob.kind(text)
     except ValueError:
@@ -291,7 +294,8 @@ def add_knob_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per knob; unset flags stay ``_UNSET`` so the environment can fill them."""
     for knob in KNOBS:
         default_text = "generated" if knob.name == "token" else ("none" if knob.default is None else knob.default)
-        help_text = f"{knob.help} [env {knob.env}; default {default_text}]"
+        choices = f" ({', '.join(knob.choices)})" if knob.choices else ""
+        help_text = f"{knob.help}{choices} [env {knob.env}; default {default_text}]"
         if knob.kind is bool:
             parser.add_argument(knob.option, dest=knob.name, action="store_const", const=True,
                                 default=_UNSET, help=help_text)

@@ -2,8 +2,8 @@
 
 Counters and histograms are updated where things happen (``gateway/app.py``, ``gateway/sessions.py``);
 gauges that mirror live state (sessions by status, workers, warm pool, terminals, recent loop lag) are read
-from that state when ``/metrics`` is rendered, so they can never drift from it.  Every update here is
-O(1) and allocation-free on the hot path: the relay calls ``inc`` a few times per event.
+from that state when ``/metrics`` is rendered, so they can never drift from it.  The per-event counters
+of the relay are plain integers (:class:`LoopCounter`): they are bumped on the loop for every event.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from gateway.loops import select_loop_factory
 logger = logging.getLogger("worker_gateway.server")
 READY_PREFIX = "WORKER_GATEWAY_READY"
 EXIT_USAGE = 2
+TRACE_LEVEL = 5  # uvicorn's "trace" level
 
 
 class StartupError(Exception):
@@ -88,23 +89,35 @@ def display_host(host: str) -> str:
 
 
 class RedactTokens(logging.Filter):
-    """uvicorn logs WebSocket request paths with their query string (``/ws?token=...``): the token must
-    appear in no log line but the one start-up URL, so it is masked in every record's arguments."""
+    """The token must appear in no log line but the one start-up URL.  uvicorn logs WebSocket paths with
+    their query (``/ws?token=...``) and, at debug level, the handshake headers (``Authorization: Bearer``,
+    the token subprotocol): mask every form, wrong tokens included, plus the configured token itself."""
 
-    _PATTERN = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+    _FORMS = re.compile(r"(token=|bearer\s+|worker-gateway\.token\.)[^&\s\"',]+", re.IGNORECASE)
+
+    def __init__(self, token: str | None) -> None:
+        super().__init__()
+        self._token = token
+
+    def _mask(self, text: str) -> str:
+        if self._token:
+            text = text.replace(self._token, "[REDACTED]")
+        return self._FORMS.sub(r"\1[REDACTED]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "token=" in record.msg.lower():
-            record.msg = self._PATTERN.sub(r"\1[REDACTED]", record.msg)
+        if isinstance(record.msg, str):
+            record.msg = self._mask(record.msg)
         if record.args:
             args = record.args if isinstance(record.args, tuple) else (record.args,)
-            record.args = tuple(self._PATTERN.sub(r"\1[REDACTED]", a) if isinstance(a, str) else a for a in args)
+            record.args = tuple(self._mask(a) if isinstance(a, str) else
+                                self._mask(a.decode("latin-1")) if isinstance(a, bytes) else a for a in args)
         return True
 
 
-def install_log_redaction() -> None:
+def install_log_redaction(token: str | None) -> None:
+    redact = RedactTokens(token)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "worker_gateway"):
-        logging.getLogger(name).addFilter(RedactTokens())
+        logging.getLogger(name).addFilter(redact)
 
 
 class GatewayServer(uvicorn.Server):
@@ -175,11 +188,14 @@ def serve(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StartupError) as exc:
         print(f"worker-gateway: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
-    logging.basicConfig(level=config.log_level.upper() if isinstance(config.log_level, str) else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Workers inherit the environment: the token must not reach agent code (a `shell` prompt could print it).
+    os.environ.pop("WORKER_GATEWAY_TOKEN", None)
+    logging.addLevelName(TRACE_LEVEL, "TRACE")
+    level = TRACE_LEVEL if config.log_level == "trace" else logging.getLevelName(config.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app = create_app(config)
     uv_config = uvicorn_config(app, config)  # configures uvicorn's loggers: add the filter after it
-    install_log_redaction()
+    install_log_redaction(config.token)
     server = GatewayServer(uv_config, config, app.state.gateway)
     try:
         with asyncio.Runner(loop_factory=select_loop_factory(uv_config)) as runner:

@@ -293,7 +293,7 @@ class TerminalRegistry:
         limit = self._config.max_terminals
         if len(self._terminals) + self._opening >= limit:
             raise rpc.RpcError(rpc.LIMIT_REACHED, f"too many terminals: the limit is {limit} (max_terminals); "
-                               "close one with terminal.close first", {"limit": limit})
+                               "close one with terminal.close first", {"limit": "max_terminals"})
         argv = params.get("argv")
         if argv is not None and (not argv or not argv[0]):
             raise rpc.RpcError(rpc.INVALID_PARAMS, "param 'argv' of terminal.open must name a program "

@@ -65,3 +65,12 @@ def test_tokens_match_is_exact() -> None:
     assert not tokens_match("abcd", "abc")
     assert not tokens_match(None, "abc")
     assert not tokens_match("\udcff", "abc")  # a lone surrogate from a bad cookie must not raise
+
+
+def test_opaque_origins_need_listing_when_auth_is_off() -> None:
+    open_cfg = Config(host="127.0.0.1", no_auth=True)
+    assert check(open_cfg, {"host": "127.0.0.1:8765", "origin": "null"}) == "origin"
+    assert check(open_cfg, {"host": "127.0.0.1:8765", "origin": "file://"}) == "origin"
+    listed = Config(host="127.0.0.1", no_auth=True, allow_origin="null")
+    assert check(listed, {"host": "127.0.0.1:8765", "origin": "null"}) is None
+    assert check(open_cfg, {"host": "127.0.0.1:8765", "origin": "http://127.0.0.1:8765"}) is None

@@ -80,3 +80,10 @@ def test_token_generated_when_missing() -> None:
     assert a.token and b.token and a.token != b.token
     assert Config(token="given").with_token().token == "given"
     assert Config(no_auth=True).with_token().token is None
+
+
+def test_log_level_is_validated() -> None:
+    assert Config.load(["--log-level", "TRACE"], environ={}).log_level == "trace"
+    with pytest.raises(SystemExit):
+        Config.load(["--log-level", "loud"], environ={})
+    assert Config.load([], environ={"WORKER_GATEWAY_LOG_LEVEL": "loud"}).log_level == "info"

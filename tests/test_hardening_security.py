@@ -1,0 +1,104 @@
+"""The token is never logged except in the one start-up URL line, and it does not leak to agent code
+(docs/security.md, "Token handling")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+import websockets
+
+from conftest import GatewayProcess, RpcClient
+
+TOKEN = "Sekrit-Tok3n-for-log-checks-0123456789"
+WRONG = "Wr0ng-but-maybe-someones-real-token-9876"
+
+
+async def every_handshake(gw: GatewayProcess) -> None:
+    """Accepted handshakes with every token form, rejected ones with a wrong token in every form, and the
+    HTTP endpoints that take a token."""
+    base = f"ws://127.0.0.1:{gw.port}/ws"
+
+    def forms(token: str) -> list[dict]:
+        return [dict(uri=f"{base}?token={token}"),
+                dict(uri=base, additional_headers={"Authorization": f"Bearer {token}"}),
+                dict(uri=base, subprotocols=["worker-gateway.v1", f"worker-gateway.token.{token}"]),
+                dict(uri=base, additional_headers={"Cookie": f"wg_token={token}"})]
+
+    for form in forms(TOKEN):
+        async with websockets.connect(**form) as ws:
+            await asyncio.wait_for(ws.recv(), 10)
+    for form in forms(WRONG):
+        with pytest.raises(websockets.InvalidStatus) as rejected:
+            async with websockets.connect(**form):
+                pass
+        assert rejected.value.response.status_code == 403
+    for path, status in [(f"/?token={TOKEN}", 200), (f"/metrics?token={TOKEN}", 200),
+                         (f"/metrics?token={WRONG}", 403), (f"/?token={WRONG}", 403)]:
+        try:
+            with urllib.request.urlopen(gw.http(path), timeout=5) as resp:
+                assert resp.status == status
+        except urllib.error.HTTPError as exc:
+            assert exc.code == status, path
+
+
+def token_lines(text: str, secret: str) -> list[str]:
+    return [line for line in text.splitlines() if secret in line]
+
+
+async def test_token_is_logged_only_in_the_startup_line(gateway_factory) -> None:
+    gw = gateway_factory(token=TOKEN)
+    await every_handshake(gw)
+    async with RpcClient.connect(gw.url()) as client:  # and a session, for good measure
+        sid = (await client.call("session.create"))["session_id"]
+        assert (await client.run_turn(sid, "hi"))["status"] == "ok"
+    gw.stop()
+    stderr = gw.stderr()
+    assert "[REDACTED]" in stderr  # uvicorn's "WebSocket /ws?token=..." lines are there, masked
+    lines = token_lines(stderr, TOKEN)
+    assert len(lines) == 1 and "dashboard:" in lines[0] and lines[0].startswith("worker-gateway: serving on"), lines
+    assert token_lines(stderr, WRONG) == []
+    assert TOKEN not in gw.ready_line
+
+
+async def test_token_is_not_logged_at_debug_level(gateway_factory) -> None:
+    gw = gateway_factory("--log-level", "debug", token=TOKEN)
+    await every_handshake(gw)
+    gw.stop()
+    stderr = gw.stderr()
+    leaks = token_lines(stderr, TOKEN)[1:] + token_lines(stderr, WRONG)
+    assert not leaks, leaks
+
+
+async def test_agent_workers_do_not_inherit_the_token(gateway_factory) -> None:
+    gw = gateway_factory(token=None, env={"WORKER_GATEWAY_TOKEN": TOKEN})
+    gw.token = TOKEN
+    async with RpcClient.connect(gw.url()) as client:
+        sid = (await client.call("session.create", agent="shell"))["session_id"]
+        done = await client.run_turn(sid, 'echo "seen=[$WORKER_GATEWAY_TOKEN]"')
+        assert done["status"] == "ok"
+        output = "".join(e["payload"]["text"] for e in client.session_events(sid, "tool.output"))
+    assert output.strip() == "seen=[]"
+
+
+async def test_no_auth_refuses_opaque_origins(gateway_factory) -> None:
+    """With auth off, the Origin and Host checks are all that stand between a web page and a shell; a
+    sandboxed iframe on any site has ``Origin: null`` and connects to 127.0.0.1, so opaque origins must be
+    refused unless explicitly allowed."""
+    gw = gateway_factory("--no-auth", token=None)
+    accepted = []
+    for origin in ("null", "file://"):
+        try:
+            async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws", origin=origin) as ws:
+                await asyncio.wait_for(ws.recv(), 10)
+                accepted.append(origin)
+        except websockets.InvalidStatus as exc:
+            assert exc.response.status_code == 403
+    assert accepted == []
+    # A same-origin page (the dashboard itself) still works without a token.
+    async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws", origin=f"http://127.0.0.1:{gw.port}") as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["params"]["type"] == "gateway.ready"
