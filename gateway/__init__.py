@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-try:
-    from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError, version
 
+try:
     __version__ = version("worker-gateway")
-except Exception:  # not installed (running from a source tree)
+except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+src"
 
 PROTOCOL_VERSION = 1

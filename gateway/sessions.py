@@ -25,7 +25,6 @@ import itertools
 import logging
 import os
 import secrets
-import signal
 import time
 from typing import TYPE_CHECKING, Any, Callable
 

@@ -10,7 +10,6 @@ import signal
 import time
 
 import psutil
-import pytest
 import websockets
 
 from conftest import ROOT, RpcClient, async_wait_for, pgid_members
