@@ -190,6 +190,11 @@ class SessionRegistry:
         try:
             await self._start_worker(session)
         except rpc.RpcError:
+            # The client never learned this session's id: end it without sending it events.
+            if session.owner is not None:
+                session.owner.remove_drain_listener(session.id)
+                session.owner.sessions.discard(session.id)
+                session.owner = None
             await self.close(session.id, "worker_died", missing_ok=True)
             raise
         if not session.live or session.worker is None:

@@ -150,6 +150,8 @@ async def test_unknown_agent_and_bad_cwd(rpc_connect) -> None:
         err = (await client.request("session.create", {"cwd": "/definitely/not/here"}))["error"]
         assert err["code"] == -32602
         assert (await client.call("session.active_list"))["sessions"] == []
+        # A session that never started is not announced: its id was never given to the client.
+        assert [e for e in client.events if e["session_id"] is not None] == []
 
 
 async def test_interrupt_a_gil_bound_turn_leaves_the_session_usable(gateway_factory) -> None:
