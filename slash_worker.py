@@ -405,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.nice:
         os.nice(args.nice)
     registry = build_registry()
+    # Announce readiness so the gateway's per-command timeout never counts this interpreter's start-up.
+    _write_all(frames_fd, control_frame("ready", {"pid": os.getpid()}))
     try:
         serve(registry, 0, frames_fd)
     except (ChannelError, BrokenPipeError) as exc:

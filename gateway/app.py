@@ -124,11 +124,20 @@ async def _reject(state: GatewayState, websocket: WebSocket, reason: str) -> Non
     await websocket.close()
 
 
-async def ws_endpoint(websocket: WebSocket) -> None:
+async def _admit(websocket: WebSocket) -> auth.Verdict | None:
+    """Run the handshake checks; a rejected handshake is answered 403 here and None returned."""
     state: GatewayState = websocket.app.state.gateway
     verdict = _check(state, websocket)
     if not verdict.accepted:
         await _reject(state, websocket, verdict.reason or "token")
+        return None
+    return verdict
+
+
+async def ws_endpoint(websocket: WebSocket) -> None:
+    state: GatewayState = websocket.app.state.gateway
+    verdict = await _admit(websocket)
+    if verdict is None:
         return
     if state.shutting_down:
         await _reject(state, websocket, "shutting_down")
@@ -256,9 +265,7 @@ async def _dispatch(ctx: CallContext, request: rpc.Request) -> None:
 
 async def pty_endpoint(websocket: WebSocket) -> None:
     state: GatewayState = websocket.app.state.gateway
-    verdict = _check(state, websocket)
-    if not verdict.accepted:
-        await _reject(state, websocket, verdict.reason or "token")
+    if await _admit(websocket) is None:
         return
     assert state.terminals is not None
     await state.terminals.pty_endpoint(websocket)

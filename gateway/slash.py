@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from gateway.config import Config
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
-from workers.pgroup import signal_group, wait_group_gone
+from workers.pgroup import describe_exit, signal_group, wait_group_gone
 
 logger = logging.getLogger("worker_gateway.slash")
 
@@ -101,7 +100,7 @@ class SlashRunner:
                 await self._stop(worker, grace_s=0.0)
                 if self._state is SlashState.CLOSED:
                     return _failure(f"the session closed while {name} was running")
-                detail = _exit_detail(worker.proc.returncode) if isinstance(exc, _WorkerGone) else str(exc)
+                detail = describe_exit(worker.proc.returncode) if isinstance(exc, _WorkerGone) else str(exc)
                 return _failure(f"the slash worker died while running {name} ({detail}); "
                                 "the next command starts a fresh one")
             except BaseException:
@@ -136,11 +135,26 @@ class SlashRunner:
         )
         worker = _Worker(proc)
         self._worker = worker
+        try:
+            await asyncio.wait_for(self._await_ready(worker), self._config.worker_start_timeout_s)
+        except (asyncio.TimeoutError, _WorkerGone, ChannelError) as exc:
+            await self._stop(worker, grace_s=0.0)
+            raise OSError(f"the slash worker did not become ready ({type(exc).__name__})") from None
         if self._state is SlashState.CLOSED:  # close() ran while the worker was starting
             await self._stop(worker, grace_s=0.0)
             raise OSError("the session is closing")
         self._state = SlashState.READY
         return worker
+
+    async def _await_ready(self, worker: _Worker) -> None:
+        stdout = worker.proc.stdout
+        assert stdout is not None
+        while True:
+            data = await stdout.read(_READ_CHUNK)
+            if not data:
+                raise _WorkerGone()
+            if any(f.kind is Kind.CONTROL and f.name == "ready" for f in worker.decoder.feed(data)):
+                return
 
     async def _roundtrip(self, worker: _Worker, request_id: int, command: str,
                          snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -198,15 +212,5 @@ def _plain(snapshot: dict[str, Any]) -> dict[str, Any]:
     return {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
             for k, v in snapshot.items()}
 
-
-def _exit_detail(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit code {returncode}"
 
 

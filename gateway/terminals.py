@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 from typing import Any, Coroutine
 
@@ -33,7 +32,15 @@ from starlette.websockets import WebSocket
 
 from gateway import rpc
 from gateway.config import Config
-from pty_bridge import DEFAULT_COLS, DEFAULT_ROWS, PtyProcess, Warden, default_argv, strip_terminal_queries
+from pty_bridge import (
+    DEFAULT_COLS,
+    DEFAULT_ROWS,
+    PtyProcess,
+    Warden,
+    default_argv,
+    strip_terminal_queries,
+)
+from workers.pgroup import describe_exit
 
 logger = logging.getLogger("worker_gateway.terminals")
 
@@ -457,7 +464,7 @@ class TerminalRegistry:
 
     async def _watch_exit(self, term: _Terminal) -> None:
         code = await term.pty.wait()
-        await self._teardown(term, f"the terminal's process exited ({_exit_detail(code)})")
+        await self._teardown(term, f"the terminal's process exited ({describe_exit(code)})")
 
     async def _teardown(self, term: _Terminal, reason: str) -> None:
         """The one way a terminal ends; concurrent and repeated calls share the first one's work."""
@@ -527,16 +534,6 @@ def _control_message(text: str) -> dict[str, Any] | None:
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
-
-def _exit_detail(code: int | None) -> str:
-    if code is None:
-        return "exit status unknown"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:

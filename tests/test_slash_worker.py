@@ -117,7 +117,10 @@ class Worker:
                 if not data:
                     raise AssertionError(f"worker closed its stdout while running {command!r}")
                 for frame in self._decoder.feed(data):
-                    assert frame.kind is Kind.CONTROL and frame.name == "result"
+                    assert frame.kind is Kind.CONTROL and frame.name in ("ready", "result")
+                    if frame.name == "ready":  # sent once, when the worker is ready for commands
+                        self.ready = frame.json()
+                        continue
                     body = frame.json()
                     assert body["id"] == request_id
                     return body

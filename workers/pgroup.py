@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 import psutil
 
@@ -56,3 +57,15 @@ async def wait_group_gone(pgid: int, timeout: float) -> bool:
         await asyncio.sleep(_POLL_S)
     return True
 
+
+
+def describe_exit(returncode: int | None) -> str:
+    """A Popen-style return code (negative = killed by that signal) in words, for user-facing messages."""
+    if returncode is None:
+        return "exit status unknown"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
