@@ -1,0 +1,76 @@
+"""4. Teardown: the owner of a ``close_on_disconnect`` session disconnects → its process group is gone.
+
+Each sample: a new connection creates the session, the members of the worker's process group are listed
+(the worker, its watchdog, whatever the turn started), then the client closes its WebSocket and the
+benchmark polls (every 0.5 ms) until every one of those processes has exited.  Three situations: an idle
+session, a turn holding the GIL in a ``re`` call, and a ``shell`` turn with a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from bench.common import running
+from bench.procs import ServerProcess, all_dead, group_members
+from bench.report import Goal, Options, Section, ms, table
+from bench.stats import percentile
+from bench.wsclient import BenchClient
+
+KEY = "teardown"
+_VARIANTS = (
+    # label, agent, prompt (None: idle)
+    ("idle session (`echo`)", "echo", None),
+    ("turn holding the GIL (`load cpu_s=60 gil=regex`)", "load", "cpu_s=60 gil=regex"),
+    ("`shell` turn running `sleep 60` (a child in the group)", "shell", "sleep 60"),
+)
+
+
+async def one_sample(gateway: ServerProcess, agent: str, prompt: str | None) -> tuple[float, int]:
+    client = await BenchClient.open(gateway.ws_url())
+    created = await client.call("session.create", agent=agent, close_on_disconnect=True)
+    pgid = created["worker_pid"]
+    if prompt is not None:
+        await client.submit(created["session_id"], prompt)
+        await asyncio.sleep(0.5)  # the turn is under way (the regex call or the child is running)
+    members = await asyncio.to_thread(group_members, pgid)
+    started = time.perf_counter()
+    await client.ws.close()
+    deadline = started + 30
+    while not all_dead(members):
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"process group {pgid} still alive 30 s after the disconnect: {members}")
+        await asyncio.sleep(0.0005)
+    elapsed = time.perf_counter() - started
+    await client.close()
+    return elapsed, len(members)
+
+
+async def run(opts: Options) -> Section:
+    counts = (6, 2, 2) if opts.quick else (20, 8, 8)
+    started = time.perf_counter()
+    results: dict[str, list[float]] = {}
+    members: dict[str, list[int]] = {}
+    async with running(ServerProcess.gateway(ping=False)) as gateway:
+        for (label, agent, prompt), count in zip(_VARIANTS, counts):
+            for _ in range(count):
+                elapsed, n = await one_sample(gateway, agent, prompt)
+                results.setdefault(label, []).append(elapsed)
+                members.setdefault(label, []).append(n)
+            print(f"  teardown {label}: p50 {ms(percentile(results[label], 0.5))} ms, "
+                  f"max {ms(max(results[label]))} ms", flush=True)
+    rows = [(label, len(v), f"{min(members[label])}–{max(members[label])}", ms(percentile(v, 0.5)),
+             ms(percentile(v, 0.99)), ms(max(v))) for label, v in results.items()]
+    every = [x for v in results.values() for x in v]
+    idle = results[_VARIANTS[0][0]]
+    body = "\n\n".join([
+        "Time from the client's close to the last process of the session's group exiting (gateway "
+        "defaults: SIGTERM to the group, SIGKILL after `--kill-grace-s` 2 s if anything is left).",
+        table(("session", "samples", "processes in the group", "p50 (ms)", "p99 (ms)", "max (ms)"), rows),
+    ])
+    goals = [Goal("teardown p99 (disconnect → process group gone)", "< 500 ms",
+                  f"{ms(percentile(idle, 0.99))} ms idle; {ms(percentile(every, 0.99))} ms over all three kinds",
+                  percentile(every, 0.99) < 0.5,
+                  "" if percentile(every, 0.99) < 0.5 else "see the table: which kind of session was slow")]
+    return Section(KEY, "4. Teardown", ".venv/bin/python -m bench --only teardown", body, goals,
+                   time.perf_counter() - started)

@@ -1,0 +1,70 @@
+"""Helpers shared by the benchmarks: servers as async context managers, loop-lag windows, timing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from bench.procs import ServerProcess
+from bench.stats import Buckets, bucket_delta, histogram_max_bound, histogram_quantile
+
+LAG_HISTOGRAM = "wg_loop_lag_seconds_bucket"
+
+
+@contextlib.asynccontextmanager
+async def running(server: ServerProcess) -> AsyncIterator[ServerProcess]:
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@dataclass(frozen=True)
+class LagWindow:
+    """Loop lag observed by the server's own monitor between two scrapes of its histogram."""
+
+    p50: float
+    p99: float
+    max: float
+    samples: int
+
+
+async def lag_buckets(server: ServerProcess, timeout: float = 120.0) -> Buckets:
+    return (await server.metrics(timeout))[LAG_HISTOGRAM]
+
+
+async def lag_window(server: ServerProcess, before: Buckets, timeout: float = 120.0) -> LagWindow:
+    """p50/p99 interpolated from the histogram delta (as Prometheus' histogram_quantile); max is the
+    monitor's recent-window max (``/healthz``), capped by the highest non-empty bucket of the delta so that
+    a spike from before the window cannot leak in."""
+    after = await lag_buckets(server, timeout)
+    delta = bucket_delta(after, before)
+    health = json.loads(await server.aget("/healthz", timeout))
+    recent_max = float(health.get("loop_lag_ms", math.nan)) / 1000.0
+    bound = histogram_max_bound(delta)
+    worst = min(recent_max, bound) if not math.isnan(recent_max) else bound
+    return LagWindow(histogram_quantile(0.5, delta), histogram_quantile(0.99, delta), worst,
+                     int(delta[-1][1]) if delta else 0)
+
+
+async def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def pool_ready(server: ServerProcess) -> float:
+    return (await server.metrics()).get("wg_warm_pool_ready", 0.0)

@@ -1,0 +1,253 @@
+"""Servers under test as subprocesses (the gateway and the baseline app), and process measurements.
+
+Each server is started the way a user starts it, reports its port on a ready line, and is stopped by its
+pid (SIGTERM, then SIGKILL): a benchmark never signals anything it did not start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "bench-token"
+PING = ("2", "2")  # protocol keepalive, seconds: interval and timeout, on both sides
+
+
+class ServerProcess:
+    """A server subprocess that prints ``<READY_PREFIX> port=N`` on stdout once it accepts connections."""
+
+    def __init__(self, argv: list[str], ready_prefix: str, name: str) -> None:
+        self.argv = argv
+        self.ready_prefix = ready_prefix
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self._stderr = tempfile.TemporaryFile()
+
+    @classmethod
+    def gateway(cls, *extra: str, ping: bool = True) -> ServerProcess:
+        argv = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--token", TOKEN, "--log-level", "warning"]
+        if ping:
+            argv += ["--ws-ping-interval", PING[0], "--ws-ping-timeout", PING[1]]
+        return cls(argv + list(extra), "WORKER_GATEWAY_READY", "worker-gateway")
+
+    @classmethod
+    def baseline(cls, *extra: str) -> ServerProcess:
+        argv = [sys.executable, "-m", "bench.baseline_app", "--port", "0",
+                "--ws-ping-interval", PING[0], "--ws-ping-timeout", PING[1]]
+        return cls(argv + list(extra), "BASELINE_READY", "in-process baseline")
+
+    def start(self, timeout: float = 60.0) -> ServerProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr,
+                                     stdin=subprocess.DEVNULL, env=env)
+        line = _read_line(self.proc, timeout)
+        if not line.startswith(self.ready_prefix + " port="):
+            self.kill()
+            raise RuntimeError(f"{self.name} did not start: {line!r}\n{self.stderr()[-3000:]}")
+        self.port = int(line.split()[1].split("=", 1)[1])
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def ws_url(self, path: str = "/ws") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}?token={TOKEN}"
+
+    def http_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM (the gateway's graceful shutdown ends every worker group), SIGKILL if it hangs; then
+        make sure no process it started outlives it."""
+        if self.proc is None:
+            return
+        started = descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        leftover = _wait_gone(started, 5.0)
+        for p in leftover:  # only processes this server started
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if leftover:
+            print(f"warning: {len(leftover)} process(es) outlived {self.name}", file=sys.stderr)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def __enter__(self) -> ServerProcess:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # HTTP ----------------------------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 60.0) -> str:
+        request = urllib.request.Request(self.http_url(path), headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read().decode()
+
+    async def aget(self, path: str, timeout: float = 60.0) -> str:
+        return await asyncio.to_thread(self.get, path, timeout)
+
+    async def metrics(self, timeout: float = 60.0) -> dict[str, Any]:
+        """``/metrics`` as {sample name: value} for unlabelled samples, and histogram buckets as
+        {"<hist>_bucket": [(le, cumulative count), ...]}."""
+        text = await self.aget("/metrics", timeout)
+        out: dict[str, Any] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    out.setdefault(s.name, []).append((float(s.labels["le"]), s.value))
+                elif not s.labels:
+                    out[s.name] = s.value
+                else:
+                    key = s.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
+                    out[key] = s.value
+        return out
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while b"\n" not in buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or proc.poll() is not None and not sel.select(0):
+                break
+            if not sel.select(min(remaining, 0.5)):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+    finally:
+        sel.close()
+    return buf.decode(errors="replace").split("\n")[0]
+
+
+# Processes ----------------------------------------------------------------------------------------------------
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = _alive(procs)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group ``pgid`` (a scan of /proc: call it once, not in a loop)."""
+    members = []
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pgid and not _dead(pid):
+                members.append(pid)
+    return members
+
+
+def groups(pgids: list[int]) -> dict[int, list[int]]:
+    """Live members of each of ``pgids``, from one scan of /proc."""
+    wanted = set(pgids)
+    out: dict[int, list[int]] = {pgid: [] for pgid in pgids}
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            pgid = os.getpgid(pid)
+            if pgid in wanted and not _dead(pid):
+                out[pgid].append(pid)
+    return out
+
+
+def all_dead(pids: list[int]) -> bool:
+    """True once every one of ``pids`` has exited.  A zombie counts as exited: it runs nothing, and whether
+    it is reaped at once depends on its parent (for a worker's watchdog, on whatever adopted it)."""
+    return all(_dead(pid) for pid in pids)
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    state = stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3]
+    return state in (b"Z", b"X", b"x")
+
+
+def rss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0
+
+
+def uss(pids: list[int]) -> list[int]:
+    """Unique set size of each process (memory freed if it exited): the honest per-worker cost."""
+    out = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            out.append(psutil.Process(pid).memory_full_info().uss)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
