@@ -66,8 +66,17 @@ async def settled(gw, observer: RpcClient, pool_tree_size: int, timeout: float) 
     while not await no_sessions():
         assert time.monotonic() < deadline, "sessions still live after the storm"
         await asyncio.sleep(0.1)
-    await async_wait_for(lambda: len(tree(gw)) == pool_tree_size, max(1.0, deadline - time.monotonic()),
-                         what=f"the process tree back to {pool_tree_size} processes")
+    try:
+        await async_wait_for(lambda: len(tree(gw)) == pool_tree_size, max(1.0, deadline - time.monotonic()),
+                             what=f"the process tree back to {pool_tree_size} processes")
+    except AssertionError as exc:
+        described = []
+        for p in tree(gw):
+            try:
+                described.append((p.pid, p.ppid(), os.getpgid(p.pid), p.status(), " ".join(p.cmdline())[:80]))
+            except (psutil.Error, OSError):
+                pass
+        raise AssertionError(f"{exc}; tree now: {described}; health: {healthz(gw)}") from None
 
 
 async def test_connect_create_disconnect_storm_leaves_no_orphans_and_no_growth(gateway_factory) -> None:
