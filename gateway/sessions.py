@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("worker_gateway.sessions")
 
 _EVENT_PREFIX = '{"jsonrpc":"2.0","method":"event","params":'
+_YIELD_EVERY_BYTES = 256 * 1024
 
 
 class SessionStatus(enum.Enum):
@@ -367,10 +368,17 @@ class SessionRegistry:
 
     async def _read_worker(self, session: Session, handle: WorkerHandle) -> None:
         corrupt: str | None = None
+        since_yield = 0
         try:
             async for frame in handle.frames():
                 if frame.kind is not Kind.EVENT:
                     continue
+                since_yield += len(frame.body)
+                if since_yield >= _YIELD_EVERY_BYTES:
+                    # frames() returns queued frames without suspending: give other sessions and the
+                    # pings a turn instead of relaying a whole backlog in one go.
+                    since_yield = 0
+                    await asyncio.sleep(0)
                 while not self._has_room(session) and handle is session.worker:
                     session.room.clear()
                     await session.room.wait()
