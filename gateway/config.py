@@ -233,7 +233,9 @@ class Config:
         """This config with a token: the given one, or a fresh random one when auth is on and none was set."""
         if self.token or self.no_auth:
             return self
-        return dataclasses.replace(self, token=secrets.token_urlsafe(24))
+        # The prefix keeps a generated token from starting with "-", which a command line would take for
+        # a flag (``--token -x...``), and makes it recognisable to secret scanners.
+        return dataclasses.replace(self, token="wg_" + secrets.token_urlsafe(24))
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

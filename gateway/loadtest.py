@@ -256,7 +256,8 @@ class SpawnedGateway:
         self._drain: threading.Thread | None = None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "gateway", "serve", "--port", "0", "--token", self.token, *self.extra_args]
+        # "--token=X", not "--token X": a token may start with "-" and would be read as a flag.
+        return [sys.executable, "-m", "gateway", "serve", "--port", "0", f"--token={self.token}", *self.extra_args]
 
     def start(self) -> Target:
         env = _child_env()

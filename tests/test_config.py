@@ -78,6 +78,7 @@ def test_no_auth_refused_off_loopback() -> None:
 def test_token_generated_when_missing() -> None:
     a, b = Config().with_token(), Config().with_token()
     assert a.token and b.token and a.token != b.token
+    assert a.token.startswith("wg_")  # never "-...", which a command line would read as a flag
     assert Config(token="given").with_token().token == "given"
     assert Config(no_auth=True).with_token().token is None
 

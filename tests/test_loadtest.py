@@ -147,3 +147,13 @@ def test_loop_lag_histogram_is_read_from_the_exposition_text() -> None:
     assert loadtest.histogram_quantile(delta, 0.99) == 0.01
     assert loadtest.histogram_quantile(delta, 1.0) == float("inf")
     assert loadtest.parse_histogram("", "wg_loop_lag_seconds") is None
+
+
+def test_spawned_gateway_passes_a_dash_leading_token_intact() -> None:
+    from gateway.config import Config
+    from gateway.loadtest import SpawnedGateway
+
+    spawned = SpawnedGateway([], timeout=1)
+    spawned.token = "-starts-like-a-flag"
+    argv = spawned.command()[4:]  # after: python -m gateway serve
+    assert Config.load(argv, environ={}).token == "-starts-like-a-flag"
