@@ -74,12 +74,13 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def pgid_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid``: the one group check of the tests."""
     members = []
     for p in psutil.process_iter(["pid"]):
         try:
             if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
                 members.append(p.pid)
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+        except (OSError, psutil.Error):
             pass
     return members
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from conftest import pgid_members
 from worker_helpers import (  # noqa: F401  (supervisor is a fixture)
-    complete_of, group_members, is_live, run_turn, supervisor, wait_until)
+    complete_of, is_live, run_turn, supervisor, wait_until)
 from workers.supervisor import ExitStatus, Supervisor
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,8 +42,8 @@ async def test_sigkill_of_the_owning_process_ends_all_its_workers() -> None:
         await wait_until(lambda: sum(regex.cpu_times()[:2]) > 0.3, 10, "the regex to hold the GIL")
         everything = set(p.pid for p in psutil.Process(owner.pid).children(recursive=True))
         for leader in (pids["shell"], pids["regex"], *pids["pool"]):
-            everything.update(group_members(leader))
-        assert len(group_members(pids["shell"])) >= 4  # worker, watchdog, sh, two sleeps
+            everything.update(pgid_members(leader))
+        assert len(pgid_members(pids["shell"])) >= 4  # worker, watchdog, sh, two sleeps
         owner.kill()
         await owner.wait()
         await wait_until(lambda: not any(is_live(pid) for pid in everything), 3,
@@ -56,9 +57,9 @@ async def test_sigkill_of_the_owning_process_ends_all_its_workers() -> None:
 async def test_worker_ends_its_group_when_the_control_pipe_closes(supervisor: Supervisor) -> None:
     handle = await supervisor.acquire("shell", {}, None, "s1")
     complete_of(await run_turn(handle, "sleep 300 &"))
-    assert len(group_members(handle.pid)) >= 3
+    assert len(pgid_members(handle.pid)) >= 3
     handle._writer.close()  # what the kernel does to every pipe when the gateway dies
-    await wait_until(lambda: not group_members(handle.pid), 2, "the group to end")
+    await wait_until(lambda: not pgid_members(handle.pid), 2, "the group to end")
     assert (await asyncio.wait_for(handle.wait(), 2)).signal == signal.SIGKILL
 
 
@@ -68,14 +69,14 @@ async def test_control_pipe_hangup_is_noticed_while_the_gil_is_held(supervisor: 
     worker = psutil.Process(handle.pid)
     await wait_until(lambda: sum(worker.cpu_times()[:2]) > 0.3, 10, "the regex to be running")
     handle._writer.close()
-    await wait_until(lambda: not group_members(handle.pid), 2, "the watchdog to end the group")
+    await wait_until(lambda: not pgid_members(handle.pid), 2, "the watchdog to end the group")
 
 
 async def test_worker_death_takes_its_group_along(supervisor: Supervisor) -> None:
     handle = await supervisor.acquire("shell", {}, None, "s1")
     complete_of(await run_turn(handle, "sleep 300 &"))
     os.kill(handle.pid, signal.SIGKILL)  # not stop(): nobody signals the group but the watchdog
-    await wait_until(lambda: not group_members(handle.pid), 2, "the group to end")
+    await wait_until(lambda: not pgid_members(handle.pid), 2, "the group to end")
 
 
 async def test_reparented_workers_keep_serving_when_the_forkserver_dies(supervisor: Supervisor) -> None:
@@ -87,7 +88,7 @@ async def test_reparented_workers_keep_serving_when_the_forkserver_dies(supervis
     assert is_live(handle.pid) and handle.alive
     assert complete_of(await run_turn(handle, "still here"))["status"] == "ok"
     assert await handle.stop() == ExitStatus(handle.pid, None, None)  # the exit code died with the forkserver
-    await wait_until(lambda: not group_members(handle.pid), 1, "the group to end")
+    await wait_until(lambda: not pgid_members(handle.pid), 1, "the group to end")
     again = await supervisor.acquire("echo", {}, None, "s2")  # a new forkserver is started on demand
     assert complete_of(await run_turn(again, "new"))["status"] == "ok"
 
@@ -108,7 +109,7 @@ def test_watchdog_without_pidfds_polls_the_gateway_pid() -> None:
     worker = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env(), stdout=subprocess.PIPE)
     try:
         pgid = int(worker.stdout.readline())
-        assert len(group_members(pgid)) == 2
+        assert len(pgid_members(pgid)) == 2
         fake_gateway.kill()
         fake_gateway.wait()
         assert worker.wait(timeout=2) == -signal.SIGKILL

@@ -14,7 +14,8 @@ import pytest
 
 from gateway.config import Config
 from gateway.slash import SlashRunner, SlashState
-from test_slash_worker import FAKE_TOKEN, group_alive, install_test_plugin
+from conftest import pgid_members
+from test_slash_worker import FAKE_TOKEN, install_test_plugin
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
 
@@ -107,7 +108,7 @@ async def test_timeout_kills_the_group_and_the_next_command_gets_a_fresh_worker(
     assert reply["output"] == ("/grep timed out after 1 s; its slash worker was stopped "
                                "(the next command starts a fresh one)")
     assert 1.0 <= elapsed < 3.0
-    assert group_alive(first_pid) == []
+    assert pgid_members(first_pid) == []
     again = await runner.exec("/help", SNAPSHOT)
     assert again["ok"] is True
     assert runner.pid not in (None, first_pid)
@@ -139,9 +140,9 @@ async def test_close_ends_the_group_is_idempotent_and_refuses_later_commands(
     runner = runner_factory()
     await runner.exec("/help", SNAPSHOT)
     pid = runner.pid
-    assert pid is not None and len(group_alive(pid)) == 2  # worker + watchdog
+    assert pid is not None and len(pgid_members(pid)) == 2  # worker + watchdog
     await runner.close()
-    assert group_alive(pid) == [] and runner.pid is None and runner.state is SlashState.CLOSED
+    assert pgid_members(pid) == [] and runner.pid is None and runner.state is SlashState.CLOSED
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     await runner.close()
     reply = await runner.exec("/help", SNAPSHOT)
@@ -160,4 +161,4 @@ async def test_close_during_a_running_command_answers_it_at_once(runner_factory)
     reply = await asyncio.wait_for(running, 5.0)
     assert time.monotonic() - started < 3.0
     assert reply == {"ok": False, "output": "the session closed while /grep was running"}
-    assert group_alive(pid) == []
+    assert pgid_members(pid) == []

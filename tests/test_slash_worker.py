@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 import slash_worker
+from conftest import pgid_members
 from workers.channel import FrameDecoder, Kind, control_frame
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
@@ -51,17 +52,6 @@ def install_test_plugin(root: Path) -> Path:
         "[worker_gateway.slash]\nnap = wg_test_plugin:nap\ncrash = wg_test_plugin:crash\n"
         "shout = wg_test_plugin:shout\nbroken = wg_test_plugin_missing:thing\nhelp = wg_test_plugin:nap\n")
     return root
-
-
-def group_alive(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (OSError, psutil.Error):
-            pass
-    return members
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
@@ -251,9 +241,9 @@ def test_entry_point_commands_are_loaded_but_cannot_shadow_builtins(tmp_path: Pa
 
 def test_eof_on_requests_ends_the_group(worker: Worker, project: Path) -> None:
     assert worker.exec("/help", project)["ok"]
-    assert len(group_alive(worker.pid)) == 2  # the worker and its watchdog
+    assert len(pgid_members(worker.pid)) == 2  # the worker and its watchdog
     worker.stdin.close()
-    wait_until(lambda: not group_alive(worker.pid), 3.0, "the worker's group to end after EOF")
+    wait_until(lambda: not pgid_members(worker.pid), 3.0, "the worker's group to end after EOF")
 
 
 def test_parent_death_ends_the_group_even_while_a_command_holds_the_gil(project: Path) -> None:
@@ -267,7 +257,7 @@ def test_parent_death_ends_the_group_even_while_a_command_holds_the_gil(project:
         wait_until(lambda: psutil.Process(w.pid).cpu_times().user > 0.2, 10.0, "the regex to start")
         stand_in.kill()
         stand_in.wait()
-        wait_until(lambda: not group_alive(w.pid), 2.0, "the worker's group to end after its parent died")
+        wait_until(lambda: not pgid_members(w.pid), 2.0, "the worker's group to end after its parent died")
     finally:
         stand_in.kill()
         w.stop()
@@ -277,10 +267,10 @@ def test_being_reparented_is_not_mistaken_for_parent_death(project: Path) -> Non
     w = Worker(os.getpid(), launcher=True)
     try:
         assert psutil.Process(w.pid).ppid() != os.getpid()  # the launcher exited: re-parented
-        wait_until(lambda: len(group_alive(w.pid)) == 2, 10.0, "the worker and its watchdog to start")
+        wait_until(lambda: len(pgid_members(w.pid)) == 2, 10.0, "the worker and its watchdog to start")
         observe_until = time.monotonic() + 0.5  # ten watchdog periods
         while time.monotonic() < observe_until:
-            assert len(group_alive(w.pid)) == 2
+            assert len(pgid_members(w.pid)) == 2
             time.sleep(0.05)
         assert w.exec("/help", project)["ok"] is True
     finally:

@@ -10,8 +10,9 @@ import time
 import psutil
 import pytest
 
+from conftest import pgid_members
 from worker_helpers import (  # noqa: F401  (supervisor is a fixture)
-    GRACE_S, LagMonitor, complete_of, group_members, is_live, run_turn, supervisor, wait_until)
+    GRACE_S, LagMonitor, complete_of, is_live, run_turn, supervisor, wait_until)
 from workers.supervisor import ExitStatus, Supervisor, UnknownAgentError, WorkerStartError
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,13 +98,13 @@ async def test_stop_ends_background_processes_of_the_group(supervisor: Superviso
     handle = await supervisor.acquire("shell", {}, None, "s1")
     done = complete_of(await run_turn(handle, "sleep 300 & echo started"))
     assert done["status"] == "ok" and done["exit_code"] == 0
-    members = group_members(handle.pid)
+    members = pgid_members(handle.pid)
     sleepers = [pid for pid in members if psutil.Process(pid).name() == "sleep"]
     assert sleepers, members
     start = time.monotonic()
     status = await handle.stop()
     assert status.signal == signal.SIGTERM
-    await wait_until(lambda: not group_members(handle.pid), GRACE_S + 1, "the group to be empty")
+    await wait_until(lambda: not pgid_members(handle.pid), GRACE_S + 1, "the group to be empty")
     assert time.monotonic() - start < GRACE_S + 1
 
 
@@ -116,7 +117,7 @@ async def test_worker_ignoring_sigterm_is_killed_after_the_grace(supervisor: Sup
     assert status == ExitStatus(handle.pid, None, signal.SIGKILL)
     assert GRACE_S <= elapsed < GRACE_S + 1
     assert lag.max_lag < 0.1  # the stop was awaited, not blocked on
-    await wait_until(lambda: not group_members(handle.pid), 1, "the group to end")
+    await wait_until(lambda: not pgid_members(handle.pid), 1, "the group to end")
 
 
 async def test_stop_is_idempotent_and_concurrency_safe(supervisor: Supervisor) -> None:
@@ -170,7 +171,7 @@ async def test_close_stops_every_worker_and_the_forkserver() -> None:
     await sup.close()
     await sup.close()
     assert sup.live_workers == 0 and len(pids) == 4
-    await wait_until(lambda: not any(group_members(pid) for pid in pids), 2, "every group to be empty")
+    await wait_until(lambda: not any(pgid_members(pid) for pid in pids), 2, "every group to be empty")
     assert not any(is_live(pid) for pid in forkservers)
     with pytest.raises(WorkerStartError):
         await sup.acquire("echo", {}, None, "late")

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 import pty_bridge
+from conftest import pgid_members
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
 
@@ -65,17 +66,6 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     return buf.decode().split("\n")[0]
 
 
-def group_members(pgid: int) -> list[int]:
-    members = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                members.append(proc.pid)
-        except (OSError, psutil.Error):
-            pass
-    return members
-
-
 def test_kill_9_of_the_gateway_ends_slash_worker_and_terminal_groups(tmp_path: Path) -> None:
     gateway = subprocess.Popen([sys.executable, "-c", GATEWAY_SCRIPT, str(ROOT), str(tmp_path), BASH],
                                stdout=subprocess.PIPE, start_new_session=True)
@@ -88,16 +78,16 @@ def test_kill_9_of_the_gateway_ends_slash_worker_and_terminal_groups(tmp_path: P
         while len(pty_bridge.session_processes(info["terminals"][0])) < 2:  # sh and its background sleep
             assert time.monotonic() < deadline, "the terminal's background job never started"
             time.sleep(0.02)
-        assert all(group_members(pid) for pid in leaders)
+        assert all(pgid_members(pid) for pid in leaders)
         tracked = [p for sid in info["terminals"] for p in pty_bridge.session_processes(sid)]
-        tracked += [psutil.Process(pid) for pid in group_members(info["slash"])]
+        tracked += [psutil.Process(pid) for pid in pgid_members(info["slash"])]
 
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(5)
         killed_at = time.monotonic()
         while True:
             left = [p.pid for p in tracked if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-            left += [pid for leader in leaders for pid in group_members(leader)]
+            left += [pid for leader in leaders for pid in pgid_members(leader)]
             if not left:
                 break
             assert time.monotonic() - killed_at < 3.0, f"still alive 3 s after kill -9: {sorted(set(left))}"
@@ -107,6 +97,6 @@ def test_kill_9_of_the_gateway_ends_slash_worker_and_terminal_groups(tmp_path: P
             gateway.kill()
             gateway.wait()
         for leader in leaders:  # never leave strays behind for the next test
-            for pid in group_members(leader) + [p.pid for p in pty_bridge.session_processes(leader)]:
+            for pid in pgid_members(leader) + [p.pid for p in pty_bridge.session_processes(leader)]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
