@@ -63,10 +63,6 @@ class Connection:
     def has_room(self) -> bool:
         return self.state is ConnectionState.OPEN and self._buffered < self.max_buffered_bytes
 
-    @property
-    def buffered_bytes(self) -> int:
-        return self._buffered
-
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._sender = loop.create_task(self._send_loop(), name=f"ws-sender-{self.id}")
