@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from gateway.wire import PROTOCOL_VERSION
+
 try:
     __version__ = version("worker-gateway")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+src"
 
-PROTOCOL_VERSION = 1
+
+__all__ = ["PROTOCOL_VERSION", "__version__"]

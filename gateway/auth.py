@@ -13,10 +13,7 @@ from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from gateway.config import Config, is_loopback_host
-
-SUBPROTOCOL = "worker-gateway.v1"
-TOKEN_SUBPROTOCOL_PREFIX = "worker-gateway.token."
-COOKIE_NAME = "wg_token"
+from gateway.wire import COOKIE_NAME, SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,11 @@ import uvicorn
 
 from gateway.app import GatewayState, create_app
 from gateway.config import Config, ConfigError
+from gateway import wire
 from gateway.loops import select_loop_factory
 
 logger = logging.getLogger("worker_gateway.server")
-READY_PREFIX = "WORKER_GATEWAY_READY"
+READY_PREFIX = wire.READY_LINE_PREFIX
 EXIT_USAGE = 2
 TRACE_LEVEL = 5  # uvicorn's "trace" level
 

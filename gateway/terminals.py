@@ -30,7 +30,7 @@ from typing import Any, Coroutine
 
 from starlette.websockets import WebSocket
 
-from gateway import rpc
+from gateway import rpc, wire
 from gateway.config import Config
 from pty_bridge import (
     DEFAULT_COLS,
@@ -44,10 +44,10 @@ from workers.pgroup import describe_exit
 
 logger = logging.getLogger("worker_gateway.terminals")
 
-SUBPROTOCOL = "worker-gateway.v1"
-CLOSE_UNKNOWN = 4404
-CLOSE_SUPERSEDED = 4409
-CLOSE_EXITED = 4410
+SUBPROTOCOL = wire.SUBPROTOCOL
+CLOSE_UNKNOWN = wire.CloseCode.TERMINAL_NOT_FOUND
+CLOSE_SUPERSEDED = wire.CloseCode.TERMINAL_SUPERSEDED
+CLOSE_EXITED = wire.CloseCode.TERMINAL_EXITED
 
 REPLAY_BYTES = 1024 * 1024
 _READ_CHUNK = 65536
