@@ -27,12 +27,12 @@ from gateway.config import Config
 from gateway.connection import Connection
 from gateway.looplag import LoopLagMonitor
 from gateway.metrics import Metrics
-from gateway.methods import HANDLERS, CallContext
+from gateway.methods import HANDLERS, CallContext, Components, Frames
 from gateway.ratelimit import TokenBucket
 from gateway.sessions import SessionRegistry
 from gateway.slash import SlashRunner  # noqa: F401  (imported so a broken slash module fails at start-up)
 from gateway.terminals import TerminalRegistry
-from workers.supervisor import Supervisor
+from workers.backends import WorkerBackend, create_backend
 
 logger = logging.getLogger("worker_gateway.app")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -47,7 +47,8 @@ class GatewayState:
     started_at: float = field(default_factory=time.monotonic)
     metrics: Metrics = field(default_factory=Metrics)
     connections: set[Connection] = field(default_factory=set)
-    supervisor: Supervisor | None = None
+    backend: WorkerBackend | None = None
+    components: Components | None = None
     sessions: SessionRegistry | None = None
     terminals: TerminalRegistry | None = None
     lag: LoopLagMonitor | None = None
@@ -56,10 +57,11 @@ class GatewayState:
     async def start(self) -> None:
         self.lag = LoopLagMonitor(observer=self.metrics.loop_lag.observe)
         self.lag.start()
-        self.supervisor = Supervisor.from_config(self.config)
-        await self.supervisor.start()
-        self.sessions = SessionRegistry(self.config, self.supervisor, self.metrics)
+        self.backend = create_backend(self.config)
+        await self.backend.start()
+        self.sessions = SessionRegistry(self.config, self.backend, self.metrics)
         self.terminals = TerminalRegistry(self.config)
+        self.components = Components(self.config, self.sessions, self.terminals, self.backend)
 
     async def shutdown(self) -> None:
         """Close every session through the teardown funnel, then terminals and workers.  Idempotent."""
@@ -72,8 +74,8 @@ class GatewayState:
         await asyncio.gather(*(c.flush(1.0) for c in list(self.connections)), return_exceptions=True)
         if self.terminals is not None:
             await self.terminals.close_all()
-        if self.supervisor is not None:
-            await self.supervisor.close()
+        if self.backend is not None:
+            await self.backend.close()
         if self.lag is not None:
             await self.lag.stop()
 
@@ -82,7 +84,7 @@ class GatewayState:
         return {
             "status": "ok",
             "sessions": self.sessions.live_count if self.sessions else 0,
-            "workers": self.supervisor.live_workers if self.supervisor else 0,
+            "workers": self.backend.live_workers if self.backend else 0,
             "connections": len(self.connections),
             "loop_lag_ms": lag["max"],
             "loop_lag_p99_ms": lag["p99"],
@@ -188,6 +190,10 @@ async def _receive_loop(state: GatewayState, websocket: WebSocket, conn: Connect
     tasks: set[asyncio.Task[None]] = set()
     try:
         while True:
+            if not conn.has_room and conn.is_open:
+                # Over its outbound budget (it does not read what it asked for): stop reading its
+                # requests until the queue drains, so their answers cannot pile up in our memory.
+                await conn.wait_for_room()
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
                 break
@@ -205,14 +211,16 @@ async def _receive_loop(state: GatewayState, websocket: WebSocket, conn: Connect
             try:
                 request = rpc.parse_request(data, max_depth=state.config.max_json_depth)
             except rpc.RequestError as exc:
-                conn.send(rpc.encode_error(exc.request_id, exc.error))
+                if not exc.notification:
+                    conn.send(rpc.encode_error(exc.request_id, exc.error))
                 continue
             metrics.requests.labels(method=request.method).inc()
             if request.method == "gateway.ping":  # answered inline: never queued behind anything
                 if not request.is_notification:
                     conn.send(rpc.encode_result(request.id, {"ok": True}))
                 continue
-            ctx = CallContext(state=state, conn=conn, request_id=request.id)
+            assert state.components is not None
+            ctx = CallContext(components=state.components, conn=conn, request_id=request.id)
             task = asyncio.get_running_loop().create_task(_dispatch(ctx, request))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -257,8 +265,11 @@ async def _dispatch(ctx: CallContext, request: rpc.Request) -> None:
         return
     if request.is_notification:
         return
-    if callable(result):  # a handler that must send frames right after its response (session.resume)
-        result()
+    if isinstance(result, Frames):  # pre-encoded: queued in one step, then its continuation
+        for frame in result.frames:
+            conn.send(frame)
+        if result.then is not None:
+            result.then()
     else:
         conn.send(rpc.encode_result(request.id, result))
 

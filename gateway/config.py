@@ -93,6 +93,12 @@ KNOBS: tuple[Knob, ...] = (
     # Slash commands and terminals
     Knob("slash_timeout_s", float, 45.0, "seconds a slash command may run before its worker is killed", 0.1, 3600),
     Knob("terminal_grace_s", float, 300.0, "seconds a terminal outlives its dropped socket", 0, None),
+    # --- session core ---
+    Knob("blocked_detached_s", float, 300.0, "seconds a detached session may stay blocked (nobody reads its "
+         "events, its worker waits) before it is closed with reason 'blocked' ('none' = never)", 1, None, optional=True),
+    Knob("max_title_chars", int, 4096, "longest session title accepted (longer: -32602)", 16, None),
+    Knob("events_page_max_bytes", int, 8 * _MIB, "most bytes of events one session.events.since answer holds", 64 * 1024, None),
+    Knob("events_page_max_events", int, 100000, "most events one session.events.since answer holds", 16, None),
 )
 
 _KNOBS_BY_NAME = {k.name: k for k in KNOBS}
@@ -208,6 +214,10 @@ class Config:
     max_json_depth: int = 32
     slash_timeout_s: float = 45.0
     terminal_grace_s: float = 300.0
+    blocked_detached_s: float | None = 300.0
+    max_title_chars: int = 4096
+    events_page_max_bytes: int = 8 * _MIB
+    events_page_max_events: int = 100000
 
     def __post_init__(self) -> None:
         if self.ping_explicit:

@@ -42,6 +42,8 @@ class Connection:
         self._on_sent = on_sent
         self._sender: asyncio.Task[None] | None = None
         self._drain_listeners: dict[object, Callable[[], None]] = {}
+        self._room = asyncio.Event()  # set while under the byte budget (or closed)
+        self._room.set()
         #: Ids of the sessions this connection owns (maintained by the session registry).
         self.sessions: set[str] = set()
         # Half-open peers: a peer that stops reading while frames are pending leaves the server's transport
@@ -99,7 +101,13 @@ class Connection:
             return
         self._queue.append((text, on_sent))
         self._buffered += len(text)
+        if self._buffered >= self.max_buffered_bytes:
+            self._room.clear()
         self._wakeup.set()
+
+    async def wait_for_room(self) -> None:
+        """Until the queue is under its byte budget again (or the connection closed)."""
+        await self._room.wait()
 
     def add_drain_listener(self, key: object, callback: Callable[[], None]) -> None:
         self._drain_listeners[key] = callback
@@ -130,6 +138,8 @@ class Connection:
                 self._sending_since = None
                 was_full = self._buffered >= low_water
                 self._buffered -= len(text)
+                if self._buffered < self.max_buffered_bytes:
+                    self._room.set()
                 if self._on_sent is not None:
                     self._on_sent(len(text))
                 if on_sent is not None:
@@ -159,6 +169,7 @@ class Connection:
             self._stall_timer = None
         self._queue.clear()
         self._buffered = 0
+        self._room.set()
         self._drain_listeners.clear()
 
     async def aclose(self) -> None:

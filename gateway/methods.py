@@ -1,133 +1,158 @@
 """The JSON-RPC method table: which coroutine answers which method.
 
 Parameters are validated centrally (``rpc.METHOD_PARAMS``) before a handler runs, so handlers receive
-well-typed params.  A handler returns the result object, or a zero-argument callable when it must send its
-response together with more frames in one step (``session.resume``: response, then replay).
+well-typed params.  A handler's reply is one explicit type: a result object (encoded as the response), or
+:class:`Frames`, already-encoded frames sent in one step (``session.resume``: the response, then its
+replay starts; ``session.events.since``: a response built by concatenation).  Handlers get the components
+they use through :class:`Components`, never the whole application.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
-from gateway import PROTOCOL_VERSION, __version__, rpc
+from gateway import __version__, rpc
+from gateway.wire import PROTOCOL_VERSION, Method
 
 if TYPE_CHECKING:
-    from gateway.app import GatewayState
+    from gateway.config import Config
     from gateway.connection import Connection
+    from gateway.sessions import SessionRegistry
+    from gateway.terminals import TerminalRegistry
+    from workers.backends import WorkerBackend
+
+
+@dataclass(frozen=True)
+class Components:
+    """What the handlers work with; built once by the composition root (``gateway.app``)."""
+
+    config: Config
+    sessions: SessionRegistry
+    terminals: TerminalRegistry
+    backend: WorkerBackend
 
 
 @dataclass(frozen=True)
 class CallContext:
-    state: GatewayState
+    components: Components
     conn: Connection
     request_id: int | str | None = None
 
 
-Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Any]]
+@dataclass(frozen=True)
+class Frames:
+    """A reply made of pre-encoded frames, queued in order in one step; ``then`` runs right after."""
+
+    frames: list[str]
+    then: Callable[[], None] | None = None
 
 
-async def _info(ctx: CallContext, params: dict[str, Any]) -> dict[str, Any]:
-    config = ctx.state.config
-    assert ctx.state.supervisor is not None
+Reply = dict[str, Any] | Frames
+Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Reply]]
+
+
+def limits(config: Config) -> dict[str, Any]:
+    """The limits ``gateway.info`` reports: the knobs a client can run into."""
+    names = ("max_message_bytes", "max_sessions", "max_sessions_per_connection", "max_queued_prompts",
+             "max_terminals", "max_connections", "rate_per_s", "rate_burst", "replay_max_events",
+             "replay_max_bytes", "grace_s", "idle_ttl_s", "interrupt_grace_s", "slash_timeout_s",
+             "max_title_chars", "events_page_max_bytes", "events_page_max_events")
+    return {name: getattr(config, name) for name in names}
+
+
+async def _info(ctx: CallContext, params: dict[str, Any]) -> Reply:
+    c = ctx.components
     return {
         "version": __version__,
         "protocol": PROTOCOL_VERSION,
-        "agents": ctx.state.supervisor.known_agents(),
-        "default_agent": config.agent,
+        "agents": c.backend.known_agents(),
+        "default_agent": c.config.agent,
         "platform": sys.platform,
-        "limits": {
-            "max_message_bytes": config.max_message_bytes,
-            "max_sessions": config.max_sessions,
-            "max_sessions_per_connection": config.max_sessions_per_connection,
-            "max_queued_prompts": config.max_queued_prompts,
-            "max_terminals": config.max_terminals,
-            "max_connections": config.max_connections,
-            "rate_per_s": config.rate_per_s,
-            "rate_burst": config.rate_burst,
-            "replay_max_events": config.replay_max_events,
-            "replay_max_bytes": config.replay_max_bytes,
-            "grace_s": config.grace_s,
-            "idle_ttl_s": config.idle_ttl_s,
-            "interrupt_grace_s": config.interrupt_grace_s,
-            "slash_timeout_s": config.slash_timeout_s,
-        },
+        "limits": limits(c.config),
     }
 
 
-async def _ping(ctx: CallContext, params: dict[str, Any]) -> dict[str, Any]:
+async def _ping(ctx: CallContext, params: dict[str, Any]) -> Reply:
     return {"ok": True}
 
 
-def _sessions(ctx: CallContext):  # type: ignore[no-untyped-def]
-    assert ctx.state.sessions is not None
-    return ctx.state.sessions
+async def _create(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.sessions.create(ctx.conn, p)
 
 
-def _terminals(ctx: CallContext):  # type: ignore[no-untyped-def]
-    assert ctx.state.terminals is not None
-    return ctx.state.terminals
+async def _resume(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    sessions = ctx.components.sessions
+    frames = sessions.resume(ctx.conn, ctx.request_id, p)
+    return Frames(frames, lambda: sessions.after_resume(p["session_id"]))
 
 
-async def _create(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return await _sessions(ctx).create(ctx.conn, p)
+async def _events_since(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return Frames([ctx.components.sessions.events_since_text(ctx.request_id, p)])
 
 
-async def _resume(ctx: CallContext, p: dict[str, Any]) -> Callable[[], None]:
-    return _sessions(ctx).resume(ctx.conn, ctx.request_id, p)
+async def _ack(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return ctx.components.sessions.ack(ctx.conn, p["session_id"], p["seq"])
 
 
-async def _events_since(ctx: CallContext, p: dict[str, Any]) -> Callable[[], None]:
-    text = _sessions(ctx).events_since_text(ctx.request_id, p)
-    return lambda: ctx.conn.send(text)
+async def _close(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.sessions.close(p["session_id"], "client")
 
 
-async def _close(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return await _sessions(ctx).close(p["session_id"], "client")
+async def _active_list(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return ctx.components.sessions.active_list()
 
 
-async def _active_list(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return _sessions(ctx).active_list()
+async def _list(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.sessions.list_stored(p.get("limit", 100), p.get("include_closed", True))
 
 
-async def _interrupt(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return await _sessions(ctx).interrupt(p["session_id"])
+async def _delete(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.sessions.delete(p["session_id"])
 
 
-async def _submit(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return _sessions(ctx).submit(p["session_id"], p["text"])
+async def _interrupt(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.sessions.interrupt(p["session_id"])
 
 
-async def _slash(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return await _sessions(ctx).slash_exec(p["session_id"], p["command"])
+async def _submit(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return ctx.components.sessions.submit(p["session_id"], p["text"])
 
 
-async def _terminal_open(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return await _terminals(ctx).open(p)
+async def _slash(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.sessions.slash_exec(p["session_id"], p["command"])
 
 
-async def _terminal_resize(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return await _terminals(ctx).resize(p)
+async def _terminal_open(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.terminals.open(p)
 
 
-async def _terminal_close(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
-    return await _terminals(ctx).close(p)
+async def _terminal_resize(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.terminals.resize(p)
+
+
+async def _terminal_close(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return await ctx.components.terminals.close(p)
 
 
 HANDLERS: dict[str, Handler] = {
-    "gateway.ping": _ping,
-    "gateway.info": _info,
-    "session.create": _create,
-    "session.resume": _resume,
-    "session.events.since": _events_since,
-    "session.close": _close,
-    "session.active_list": _active_list,
-    "session.interrupt": _interrupt,
-    "prompt.submit": _submit,
-    "slash.exec": _slash,
-    "terminal.open": _terminal_open,
-    "terminal.resize": _terminal_resize,
-    "terminal.close": _terminal_close,
+    Method.PING: _ping,
+    Method.INFO: _info,
+    Method.SESSION_CREATE: _create,
+    Method.SESSION_RESUME: _resume,
+    Method.SESSION_EVENTS_SINCE: _events_since,
+    Method.SESSION_ACK: _ack,
+    Method.SESSION_CLOSE: _close,
+    Method.SESSION_ACTIVE_LIST: _active_list,
+    Method.SESSION_LIST: _list,
+    Method.SESSION_DELETE: _delete,
+    Method.SESSION_INTERRUPT: _interrupt,
+    Method.PROMPT_SUBMIT: _submit,
+    Method.SLASH_EXEC: _slash,
+    Method.TERMINAL_OPEN: _terminal_open,
+    Method.TERMINAL_RESIZE: _terminal_resize,
+    Method.TERMINAL_CLOSE: _terminal_close,
 }
 assert set(HANDLERS) == set(rpc.METHOD_PARAMS), "every method in rpc.METHOD_PARAMS needs a handler"

@@ -107,9 +107,9 @@ class Metrics:
         if state.sessions is not None:
             for status, count in state.sessions.count_by_status().items():
                 self._sessions.labels(status=status).set(count)
-        if state.supervisor is not None:
-            self._workers.set(state.supervisor.live_workers)
-            self._pool.set(state.supervisor.pool_ready)
+        if state.backend is not None:
+            self._workers.set(state.backend.live_workers)
+            self._pool.set(state.backend.pool_ready)
         if state.terminals is not None:
             self._terminals.set(state.terminals.count)
         if state.lag is not None:

@@ -32,6 +32,8 @@ WORKER_DIED = ErrorCode.WORKER_DIED
 STORE_UNAVAILABLE = ErrorCode.STORE_UNAVAILABLE
 
 MAX_ID_LENGTH = 256
+#: Integers beyond this are not exact in JavaScript clients and are refused in params (-32602).
+MAX_INT = 2**53 - 1
 
 
 class RpcError(Exception):
@@ -86,7 +88,10 @@ METHOD_PARAMS: dict[str, dict[str, Param]] = {
     },
     "session.resume": {"session_id": _p("string", required=True), "after_seq": _p("int")},
     "session.events.since": {"session_id": _p("string", required=True), "after_seq": _p("int", required=True)},
+    "session.ack": {"session_id": _p("string", required=True), "seq": _p("int", required=True)},
     "session.close": {"session_id": _p("string", required=True)},
+    "session.list": {"limit": _p("int"), "include_closed": _p("bool")},
+    "session.delete": {"session_id": _p("string", required=True)},
     "session.active_list": {},
     "session.interrupt": {"session_id": _p("string", required=True)},
     "prompt.submit": {"session_id": _p("string", required=True), "text": _p("string", required=True)},
@@ -155,6 +160,9 @@ def validate_params(method: str, params: dict[str, Any], spec: dict[str, dict[st
             want = " or ".join(t.replace("_", " of ") if t != "string_list" else "array of strings" for t in p.types)
             raise RpcError(INVALID_PARAMS, f"param {key!r} of {method} must be {want}, got {_type_name(value)}",
                            {"param": key})
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            raise RpcError(INVALID_PARAMS, f"param {key!r} of {method} is out of range: integers must lie within "
+                           f"+/-{MAX_INT} (2**53 - 1)", {"param": key})
 
 
 def json_depth_exceeds(value: Any, limit: int) -> bool:
@@ -257,23 +265,26 @@ def parse_request(
         params = {}
     if not isinstance(params, dict):
         raise RequestError(RpcError(INVALID_PARAMS, f'"params" must be an object, got {_type_name(params)}'), req_id)
+    notification = "id" not in obj
     if method not in methods:
         shown = method if len(method) <= 64 else method[:64] + "..."
-        raise RequestError(RpcError(METHOD_NOT_FOUND, f"method not found: {shown!r}"), req_id)
+        raise RequestError(RpcError(METHOD_NOT_FOUND, f"method not found: {shown!r}"), req_id, notification)
     try:
         validate_params(method, params, methods)
     except RpcError as err:
-        raise RequestError(err, req_id) from None
-    return Request(method=method, params=params, id=req_id, is_notification="id" not in obj)
+        raise RequestError(err, req_id, notification) from None
+    return Request(method=method, params=params, id=req_id, is_notification=notification)
 
 
 class RequestError(Exception):
-    """A request that cannot be dispatched, with the id its error response must carry."""
+    """A request that cannot be dispatched, with the id its error response must carry.  A well-formed
+    notification (no ``id``) with an unknown method or bad params gets no response at all (JSON-RPC 2.0)."""
 
-    def __init__(self, error: RpcError, request_id: int | str | None) -> None:
+    def __init__(self, error: RpcError, request_id: int | str | None, notification: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
         self.request_id = request_id
+        self.notification = notification
 
 
 def _dumps(obj: Any) -> str:

@@ -117,16 +117,32 @@ async def test_resume_supersedes_previous_owner(rpc_connect) -> None:
 
 
 async def test_replay_truncation_is_reported(gateway_factory) -> None:
+    """The count bound drops only acknowledged events (issue 13 section 2), so the owner acks first."""
     gw = gateway_factory("--replay-max-events", "16")
     async with RpcClient.connect(gw.url()) as a:
         sid = (await a.call("session.create"))["session_id"]
         await a.run_turn(sid, " ".join(f"w{i}" for i in range(30)))
+        last = a.session_events(sid)[-1]["seq"]
+        assert (await a.call("session.ack", session_id=sid, seq=last))["acked_seq"] == last
         async with RpcClient.connect(gw.url()) as b:
             resumed = await b.call("session.resume", session_id=sid, after_seq=0)
             assert resumed["truncated"] is True and resumed["replayed"] == 16
             await b.wait(lambda: len(b.session_events(sid)) >= 17, 5)
             first = b.session_events(sid)[0]
             assert first["type"] == "replay.truncated" and first["payload"]["first_seq"] == 17
+
+
+async def test_unacknowledged_events_outlive_the_count_bound(gateway_factory) -> None:
+    """Events that reached the socket but were never acknowledged stay replayable (byte bound only)."""
+    gw = gateway_factory("--replay-max-events", "16")
+    async with RpcClient.connect(gw.url()) as a:
+        sid = (await a.call("session.create"))["session_id"]
+        await a.run_turn(sid, " ".join(f"w{i}" for i in range(30)))
+        async with RpcClient.connect(gw.url()) as b:
+            resumed = await b.call("session.resume", session_id=sid, after_seq=0)
+            assert resumed["truncated"] is False and resumed["replayed"] == resumed["last_seq"]
+            await b.wait(lambda: len(b.session_events(sid)) >= resumed["last_seq"], 5)
+            assert [e["seq"] for e in b.session_events(sid)] == list(range(1, resumed["last_seq"] + 1))
 
 
 async def test_prompt_queue_limit(rpc_connect) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import os
 import signal
@@ -296,7 +297,7 @@ class Supervisor:
         self._refill_task = asyncio.get_running_loop().create_task(self._refill(), name="worker-pool-refill")
 
     async def acquire(self, agent: str, options: dict[str, Any], cwd: str | None,
-                      session_id: str) -> WorkerHandle:
+                      session_id: str | None = None, state: bytes | None = None) -> WorkerHandle:
         """A worker that has loaded ``agent`` and is ready for its first prompt.
 
         Raises :class:`UnknownAgentError` (4004) or :class:`WorkerStartError` (5001); the worker is then
@@ -319,8 +320,11 @@ class Supervisor:
                 raise WorkerStartError(f"could not start a worker: {exc}") from exc
         handle.agent = agent
         try:
-            handle.send("init", {"agent": agent, "options": options, "cwd": cwd, "session_id": session_id,
-                                 "sys_path": _import_path()})
+            init: dict[str, Any] = {"agent": agent, "options": options, "cwd": cwd, "session_id": session_id,
+                                    "sys_path": _import_path()}
+            if state is not None:  # the agent's last snapshot, restored before start() (docs/agents.md)
+                init["state"] = json.loads(state)
+            handle.send("init", init)
             first = await asyncio.wait_for(self._first_frame(handle), max(0.0, deadline - loop.time()))
         except TimeoutError:
             await handle.stop()

@@ -1,0 +1,605 @@
+"""The asyncio shell around the session core: it feeds the pure parts (stream, turns, reaping) and does the
+I/O they ask for (PROTOCOL sections 4 and 5).
+
+Event flow of a session::
+
+    worker frames --_read_worker--> EventStream.produce --> EventLog --_pump--> owner Connection
+
+The reader stops pulling frames while too much is unsettled (slow or absent owner): the worker's pipe
+fills and the worker blocks.  Nothing is dropped and memory is bounded by the log's bounds.
+
+Every way a session ends (close, disconnect, grace expiry, idle TTL, blocked, shutdown) calls
+:meth:`SessionRegistry.close`, which runs the teardown once and makes later callers wait for that result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import json
+import logging
+import os
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from gateway import rpc
+from gateway.connection import Connection
+from gateway.sessions.reaping import ReapInputs, reap_decision
+from gateway.sessions.session import Session, SlotState
+from gateway.sessions.stream import EventStream, Gap
+from gateway.sessions.turns import LIVE_STATUSES, QueueFull, SessionStatus
+from gateway.store.memory import MemoryEventLog
+from gateway.wire import CloseReason, ErrorCode, EventType, TurnStatus
+from workers.backends import ExitStatus, UnknownAgentError, Worker, WorkerBackend, WorkerStartError
+from workers.channel import ChannelError, Kind, encode_json
+from workers.ops import Op
+
+if TYPE_CHECKING:
+    from gateway.config import Config
+    from gateway.metrics import Metrics
+
+logger = logging.getLogger("worker_gateway.sessions")
+
+_EVENT_PREFIX = '{"jsonrpc":"2.0","method":"event","params":'
+_YIELD_EVERY_BYTES = 256 * 1024
+#: Closed sessions whose last events still travel to their owner are kept (for events.since) this long.
+_DRAIN_KEEP_S = 60.0
+#: Closed sessions listed by session.list when there is no store.
+_CLOSED_KEPT = 1000
+
+
+class SessionRegistry:
+    def __init__(self, config: Config, backend: WorkerBackend, metrics: Metrics) -> None:
+        self.config = config
+        self.backend = backend
+        self.metrics = metrics
+        self._sessions: dict[str, Session] = {}
+        #: Finalized sessions whose owner has not received every event yet (PROTOCOL: nothing is lost).
+        self._draining: dict[str, Session] = {}
+        #: Summaries of closed sessions, newest last (in memory: bounded by ``_CLOSED_KEPT``).
+        self._closed: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+
+    # Queries -----------------------------------------------------------------------------------------
+    @property
+    def live_count(self) -> int:
+        return sum(1 for s in self._sessions.values() if s.live)
+
+    def count_by_status(self) -> dict[str, int]:
+        counts: dict[str, int] = collections.Counter(s.status.value for s in self._sessions.values())
+        for status in LIVE_STATUSES:
+            counts.setdefault(status.value, 0)
+        return dict(counts)
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None or not session.live:
+            raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session not found: {session_id!r} (closed, or never existed)",
+                               {"session_id": session_id})
+        return session
+
+    def _readable(self, session_id: str) -> Session:
+        """A live session, or a closed one whose last events are still on their way to its owner."""
+        session = self._sessions.get(session_id) or self._draining.get(session_id)
+        if session is None:
+            raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session not found: {session_id!r} (closed, or never existed)",
+                               {"session_id": session_id})
+        return session
+
+    def active_list(self) -> dict[str, Any]:
+        return {"sessions": [s.summary() for s in self._sessions.values() if s.live]}
+
+    async def list_stored(self, limit: int, include_closed: bool) -> dict[str, Any]:
+        """``session.list``: live and closed sessions, newest activity first."""
+        if limit < 0:
+            raise rpc.RpcError(ErrorCode.INVALID_PARAMS, f"limit must be >= 0, got {limit}", {"param": "limit"})
+        rows = []
+        for session in self._sessions.values():
+            if session.live:
+                row = session.summary()
+                del row["attached"]
+                rows.append({**row, "closed_reason": None})
+        if include_closed:
+            rows.extend(self._closed.values())
+        rows.sort(key=lambda row: row["last_active"], reverse=True)
+        return {"sessions": rows[:limit]}
+
+    async def delete(self, session_id: str) -> dict[str, Any]:
+        """``session.delete``: close it if live, then forget it and its events."""
+        if session_id in self._sessions:
+            await self.close(session_id, CloseReason.DELETED)
+        elif session_id not in self._closed and session_id not in self._draining:
+            raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session not found: {session_id!r}", {"session_id": session_id})
+        self._closed.pop(session_id, None)
+        return {"deleted": True}
+
+    # Creation ----------------------------------------------------------------------------------------
+    async def create(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any]:
+        config = self.config
+        agent = params.get("agent") or config.agent
+        known = self.backend.known_agents()
+        if ":" not in agent and agent not in known:
+            raise rpc.RpcError(ErrorCode.UNKNOWN_AGENT, f"unknown agent {agent!r}; available: {', '.join(known)} "
+                               "(or name one as package.module:attr)", {"agent": agent})
+        cwd = params.get("cwd") or os.getcwd()
+        if not os.path.isdir(cwd):
+            raise rpc.RpcError(ErrorCode.INVALID_PARAMS, f"cwd is not an existing directory: {cwd!r}",
+                               {"param": "cwd"})
+        title = params.get("title") or ""
+        if len(title) > config.max_title_chars:
+            raise rpc.RpcError(ErrorCode.INVALID_PARAMS, f"title is {len(title)} characters long; at most "
+                               f"max_title_chars={config.max_title_chars}", {"param": "title"})
+        if self.live_count >= config.max_sessions:
+            raise rpc.RpcError(ErrorCode.LIMIT_REACHED, f"session limit reached: max_sessions={config.max_sessions}",
+                               {"limit": "max_sessions"})
+        owned = sum(1 for sid in conn.sessions if sid in self._sessions and self._sessions[sid].live)
+        if owned >= config.max_sessions_per_connection:
+            raise rpc.RpcError(ErrorCode.LIMIT_REACHED, "per-connection session limit reached: "
+                               f"max_sessions_per_connection={config.max_sessions_per_connection}",
+                               {"limit": "max_sessions_per_connection"})
+        session_id = "s" + secrets.token_hex(8)
+        stream = EventStream(session_id, MemoryEventLog(config.replay_max_events, config.replay_max_bytes),
+                             reader_max_events=config.replay_max_events // 2,
+                             reader_max_bytes=config.replay_max_bytes // 2)
+        session = Session(session_id, agent, params.get("options") or {}, os.path.abspath(cwd), title,
+                          bool(params.get("close_on_disconnect", False)), stream, config.max_queued_prompts)
+        self._sessions[session.id] = session
+        self._attach(session, conn)
+        if not conn.is_open:  # the owner left while we were validating
+            await self.connection_lost(conn)
+        started = time.monotonic()
+        try:
+            await self._start_worker(session)
+        except rpc.RpcError:
+            # The client never learned this session's id: end it without sending it events.
+            self._disown(session)
+            await self.close(session.id, CloseReason.WORKER_DIED, missing_ok=True)
+            raise
+        worker = session.slot.worker
+        if not session.live or worker is None:
+            raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session {session.id} was closed while its worker was starting",
+                               {"session_id": session.id})
+        self.metrics.worker_start.observe(time.monotonic() - started)
+        return {"session_id": session.id, "agent": session.agent, "worker_pid": worker.pid,
+                "created_at": session.created_at}
+
+    async def _start_worker(self, session: Session) -> None:
+        """Give ``session`` a fresh worker; a worker that arrives after the session closed is stopped."""
+        session.slot.state = SlotState.STARTING
+        session.turns.worker_starting()
+        try:
+            worker = await self.backend.acquire(session.agent, session.options, session.cwd, session.id,
+                                                state=session.agent_state)
+        except UnknownAgentError as exc:
+            session.slot.empty()
+            raise rpc.RpcError(ErrorCode.UNKNOWN_AGENT, str(exc), {"agent": session.agent}) from None
+        except WorkerStartError as exc:
+            session.slot.empty()
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE):
+                raise rpc.RpcError(ErrorCode.LIMIT_REACHED, "the gateway is out of file descriptors "
+                                   f"({cause.strerror}); close sessions or terminals, or raise its ulimit -n",
+                                   {"limit": "open_files"}) from None
+            raise rpc.RpcError(ErrorCode.WORKER_START_FAILED, f"worker failed to start: {exc}") from None
+        if not session.live:  # closed meanwhile (the create/close race): never attach
+            await worker.stop()
+            return
+        reader = asyncio.get_running_loop().create_task(self._read_worker(session, worker),
+                                                        name=f"reader-{session.id}")
+        session.slot.attach(worker, reader)
+        session.turns.worker_ready()
+        self._next_prompt(session)
+
+    def _ensure_worker(self, session: Session) -> None:
+        """Start a replacement worker in the background (after a death or an interrupt)."""
+        if session.slot.state is not SlotState.NONE or not session.live:
+            return
+
+        async def start() -> None:
+            try:
+                await self._start_worker(session)
+            except rpc.RpcError as err:
+                # Fail every queued prompt rather than leaving them waiting for a worker that won't come.
+                session.turns.worker_lost()
+                for prompt in session.turns.drain():
+                    self._emit(session, EventType.TURN_START, {"turn_id": prompt.turn_id, "text": prompt.text})
+                    self._emit(session, EventType.TURN_COMPLETE, {"turn_id": prompt.turn_id,
+                                                                 "status": TurnStatus.ERROR, "error": err.message})
+
+        session.slot.starting(asyncio.get_running_loop().create_task(start(), name=f"starter-{session.id}"))
+
+    # Ownership -----------------------------------------------------------------------------------------
+    def _attach(self, session: Session, conn: Connection) -> None:
+        previous = session.owner
+        if previous is not None and previous is not conn:
+            previous.sessions.discard(session.id)
+            previous.remove_drain_listener(session.id)
+            previous.send(rpc.encode_event(EventType.SESSION_DETACHED, {"reason": "superseded"}, session.id, None))
+        session.owner = conn
+        session.detached_at = None
+        conn.sessions.add(session.id)
+        conn.add_drain_listener(session.id, lambda: self._pump(session))
+        if session.reap_timer is not None:
+            session.reap_timer.cancel()
+            session.reap_timer = None
+
+    def _disown(self, session: Session) -> None:
+        if session.owner is not None:
+            session.owner.remove_drain_listener(session.id)
+            session.owner.sessions.discard(session.id)
+        session.owner = None
+
+    def _detach(self, session: Session) -> None:
+        self._disown(session)
+        session.detached_at = time.monotonic()
+        self._schedule_reap(session)
+
+    async def connection_lost(self, conn: Connection) -> None:
+        """The owner went away: close ``close_on_disconnect`` sessions, detach the others for the grace."""
+        closing = []
+        for session_id in list(conn.sessions):
+            draining = self._draining.pop(session_id, None)
+            if draining is not None:
+                self._disown(draining)
+                continue
+            session = self._sessions.get(session_id)
+            if session is None or session.owner is not conn:
+                continue
+            if session.close_on_disconnect:
+                closing.append(self.close(session.id, CloseReason.DISCONNECT, missing_ok=True))
+            else:
+                self._detach(session)
+        conn.sessions.clear()
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
+
+    def resume(self, conn: Connection, request_id: int | str | None, params: dict[str, Any]) -> list[str]:
+        """Re-attach to ``conn``: the response, then (through the normal pump, bounded by the connection's
+        budget) every held event after ``after_seq`` in order, before any live event."""
+        session = self.get(params["session_id"])
+        after = max(0, params.get("after_seq", 0))
+        if after > session.seq:
+            raise rpc.RpcError(ErrorCode.INVALID_PARAMS,
+                               f"after_seq {after} is beyond the session's last seq {session.seq}",
+                               {"param": "after_seq"})
+        self._attach(session, conn)
+        session.touch()
+        held = session.stream.log.since(after)
+        replayed = session.seq - (held.first_seq - 1 if held.truncated else after)
+        frames = [rpc.encode_result(request_id, {
+            "session_id": session.id, "status": session.status.value, "last_seq": session.seq,
+            "replayed": replayed, "truncated": held.truncated})]
+        if held.truncated:
+            frames.append(EventStream.truncation_frame(session.id, held.first_seq))
+            after = held.first_seq - 1
+        session.stream.rewind(after)
+        return frames
+
+    def after_resume(self, session_id: str) -> None:
+        """Called once the resume's response is queued: start the replay."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            self._pump(session)
+
+    def ack(self, conn: Connection, session_id: str, seq: int) -> dict[str, Any]:
+        """The owner has processed events up to ``seq``: the log may forget them.  An ack from a connection
+        that is not (or no longer) the owner changes nothing: it may race with a resume elsewhere."""
+        session = self._readable(session_id)
+        if session.owner is not conn:
+            return {"acked_seq": None, "owner": False}
+        return {"acked_seq": session.stream.ack(seq), "owner": True}
+
+    def events_since_text(self, request_id: int | str | None, params: dict[str, Any]) -> str:
+        """The response to ``session.events.since``, built by concatenation: the held events already hold
+        their encoded payloads, which are never decoded on the loop.  One page of at most
+        ``events_page_max_bytes``; ``more`` says whether to ask again from ``next_after_seq``."""
+        session = self._readable(params["session_id"])
+        after = min(params["after_seq"], session.seq)
+        log = session.stream.log
+        durable = log.durable_seq
+        page = log.page(after, self.config.events_page_max_events, self.config.events_page_max_bytes) \
+            if isinstance(log, MemoryEventLog) else log.since(after)
+        frames = page.frames[:max(0, durable - page.first_seq + 1)]
+        last = page.first_seq + len(frames) - 1 if frames else max(after, page.first_seq - 1)
+        more = last < durable
+        events = ",".join(frame[len(_EVENT_PREFIX):-1] for frame in frames)
+        return ('{"jsonrpc":"2.0","id":' + encode_json(request_id).decode() + ',"result":{"events":[' + events +
+                '],"last_seq":' + str(durable) + ',"truncated":' + ("true" if page.truncated else "false") +
+                ',"more":' + ("true" if more else "false") + ',"next_after_seq":' + str(last) + "}}")
+
+    # The event stream ------------------------------------------------------------------------------------
+    def _emit(self, session: Session, event_type: str, payload: dict[str, Any]) -> None:
+        self._produce(session, event_type, encode_json(payload))
+
+    def _produce(self, session: Session, event_type: str, payload_json: bytes) -> None:
+        frame = session.stream.produce(event_type, payload_json)
+        session.touch()
+        self.metrics.events_relayed.inc()
+        self.metrics.bytes_relayed.inc(len(frame))
+        if event_type == EventType.TURN_START:
+            session.turns.turn_started()
+        elif event_type == EventType.TURN_COMPLETE:
+            self.metrics.turn_completed(payload_json)
+            self._turn_finished(session)
+        self._pump(session)
+
+    def _pump(self, session: Session) -> None:
+        """Queue undelivered durable events to the owner while it has room."""
+        owner = session.owner
+        if owner is None or not owner.is_open:
+            return
+        for item in session.stream.deliver(lambda: owner.has_room):
+            if isinstance(item, Gap):
+                owner.send(EventStream.truncation_frame(session.id, item.first_seq))
+            else:
+                seq, frame = item
+                owner.send(frame, self._settler(session, owner, seq))
+        if session.status is SessionStatus.CLOSED and not session.stream.pending:
+            self._finish_draining(session)
+
+    def _settler(self, session: Session, conn: Connection, seq: int) -> Callable[[], None]:
+        """What the connection calls once event ``seq`` reached its socket."""
+
+        def settled() -> None:
+            if session.owner is conn:  # a superseded owner's sends say nothing about the new owner
+                session.stream.settle(seq)
+                if session.stream.reader_has_room:
+                    session.room.set()
+
+        return settled
+
+    async def _read_worker(self, session: Session, worker: Worker) -> None:
+        corrupt: str | None = None
+        since_yield = 0
+        slot = session.slot
+        try:
+            async for frame in worker.frames():
+                if frame.kind is not Kind.EVENT:
+                    if frame.kind is Kind.CONTROL and frame.name == Op.STATE:
+                        session.agent_state = _state_of(frame.body)
+                    continue
+                since_yield += len(frame.body)
+                if since_yield >= _YIELD_EVERY_BYTES:
+                    # frames() returns queued frames without suspending: give other sessions and the
+                    # pings a turn instead of relaying a whole backlog in one go.
+                    since_yield = 0
+                    await asyncio.sleep(0)
+                while not session.stream.reader_has_room and slot.is_current(worker):
+                    session.room.clear()
+                    if session.blocked_since is None:
+                        session.blocked_since = time.monotonic()
+                        if session.owner is None:
+                            self._schedule_reap(session)
+                    await session.room.wait()
+                session.blocked_since = None
+                if not slot.is_current(worker):
+                    break
+                self._produce(session, frame.name, frame.body)
+        except ChannelError as exc:
+            corrupt = str(exc)
+            logger.warning("session %s: corrupt frame from worker %s: %s", session.id, worker.pid, exc)
+        if not slot.is_current(worker):
+            return  # stopped on purpose (replacement or teardown): not a death
+        # EOF or garbage without us asking: the worker is dying or broken; make sure its group is gone.
+        status = await worker.stop()
+        if slot.is_current(worker):
+            self._worker_died(session, status, corrupt)
+
+    def _worker_died(self, session: Session, status: ExitStatus, reason: str | None) -> None:
+        session.slot.empty()
+        self.metrics.worker_exits.labels(expected="false").inc()
+        self._emit_exit(session, status, expected=False)
+        turn_id = session.turns.current
+        if turn_id is not None:
+            what = reason or (f"killed by signal {status.signal}" if status.signal else f"exit status {status.returncode}")
+            self._emit(session, EventType.TURN_COMPLETE, {"turn_id": turn_id, "status": TurnStatus.ERROR,
+                                                         "error": f"worker died: {what}"})
+        session.turns.worker_lost()
+        if session.turns.queued:
+            self._ensure_worker(session)
+
+    def _emit_exit(self, session: Session, status: ExitStatus, expected: bool) -> None:
+        self._emit(session, EventType.WORKER_EXITED, {"pid": status.pid, "returncode": status.returncode,
+                                                     "signal": status.signal, "expected": expected})
+
+    # Turns ---------------------------------------------------------------------------------------------
+    def submit(self, session_id: str, text: str) -> dict[str, Any]:
+        session = self.get(session_id)
+        try:
+            prompt = session.turns.submit(text)
+        except QueueFull as exc:
+            raise rpc.RpcError(ErrorCode.BUSY, f"prompt queue full: {exc.args[0]} prompts already wait "
+                               f"(max_queued_prompts={self.config.max_queued_prompts}); retry after a turn "
+                               "completes", {"limit": "max_queued_prompts"}) from None
+        session.touch()
+        started = self._next_prompt(session)
+        if session.slot.state is SlotState.NONE:
+            self._ensure_worker(session)
+        return {"status": "started" if started == prompt.turn_id else "queued", "turn_id": prompt.turn_id}
+
+    def _next_prompt(self, session: Session) -> str | None:
+        prompt = session.turns.take_next(session.slot.ready)
+        if prompt is None:
+            return None
+        worker = session.slot.worker
+        assert worker is not None  # slot.ready
+        session.turn_ended[prompt.turn_id] = asyncio.get_running_loop().create_future()
+        session.touch()
+        worker.send(Op.PROMPT, {"turn_id": prompt.turn_id, "text": prompt.text})
+        return prompt.turn_id
+
+    def _turn_finished(self, session: Session) -> None:
+        turn_id = session.turns.turn_finished()
+        if turn_id is not None:
+            future = session.turn_ended.pop(turn_id, None)
+            if future is not None and not future.done():
+                future.set_result(turn_id)
+        if session.live:
+            self._next_prompt(session)
+            if session.owner is None and not session.turns.busy:
+                self._schedule_reap(session)
+
+    async def interrupt(self, session_id: str) -> dict[str, Any]:
+        session = self.get(session_id)
+        turn_id = session.turns.current
+        worker = session.slot.worker
+        if turn_id is None:
+            return {"status": "not_running"}
+        ended = session.turn_ended.get(turn_id)
+        if ended is None or ended.done():
+            return {"status": "interrupted"}
+        if worker is not None:
+            worker.send(Op.CANCEL, {"turn_id": turn_id})
+        try:
+            await asyncio.wait_for(asyncio.shield(ended), self.config.interrupt_grace_s)
+        except TimeoutError:
+            # Several callers can get here for one turn: only the first replaces the worker, the others
+            # wait for the turn to end through it.
+            if session.turns.current == turn_id and session.live and worker is not None \
+                    and session.slot.is_current(worker):
+                await self._replace_worker(session, worker, turn_id)
+            elif not ended.done():
+                await asyncio.wait([asyncio.shield(ended)], timeout=self.config.kill_grace_s + 5.0)
+        return {"status": "interrupted"}
+
+    async def _replace_worker(self, session: Session, worker: Worker, turn_id: str) -> None:
+        """The turn ignored the cancel (e.g. stuck in C code holding the GIL): kill the group, finish the
+        turn as interrupted, and start a fresh worker so the session stays usable."""
+        slot = session.slot
+        reader = slot.reader
+        slot.release()
+        session.room.set()  # release a reader waiting for room so it sees the worker is stale
+        status = await worker.stop()
+        if reader is not None:
+            await asyncio.wait([reader], timeout=1.0)
+            reader.cancel()
+        if slot.state is SlotState.STOPPING:
+            slot.empty()
+        self.metrics.worker_exits.labels(expected="true").inc()
+        self._emit_exit(session, status, expected=True)
+        if session.turns.current == turn_id:
+            self._emit(session, EventType.TURN_COMPLETE, {"turn_id": turn_id, "status": TurnStatus.INTERRUPTED})
+        session.turns.worker_lost()
+        if session.live:
+            self._ensure_worker(session)
+
+    # Slash commands ------------------------------------------------------------------------------------
+    async def slash_exec(self, session_id: str, command: str) -> dict[str, Any]:
+        from gateway.slash import SlashRunner
+
+        session = self.get(session_id)
+        if session.slash is None:
+            session.slash = SlashRunner(self.config, session.cwd)
+        session.touch()
+        result = await session.slash.exec(command, session.snapshot())
+        if session.live:  # part of the session's history: it replays like every other event
+            self._emit(session, EventType.SLASH_RESULT, {"command": command, "ok": result.get("ok", False),
+                                                        "output": result.get("output", "")})
+        return result
+
+    # Reaping -------------------------------------------------------------------------------------------
+    def _schedule_reap(self, session: Session) -> None:
+        """Arm one timer for the next deadline of a detached session (see :mod:`gateway.sessions.reaping`)."""
+        if session.reap_timer is not None:
+            session.reap_timer.cancel()
+            session.reap_timer = None
+        if session.owner is not None or not session.live:
+            return
+        config = self.config
+        decision = reap_decision(ReapInputs(
+            detached_at=session.detached_at, last_active=session.last_active_mono, busy=session.turns.busy,
+            blocked_since=session.blocked_since, grace_s=config.grace_s, idle_ttl_s=config.idle_ttl_s,
+            blocked_s=config.blocked_detached_s), time.monotonic())
+        if decision.close is not None:
+            self._spawn_close(session, decision.close)
+        elif decision.wake_at is not None:
+            delay = max(0.0, decision.wake_at - time.monotonic()) + 0.001
+            session.reap_timer = asyncio.get_running_loop().call_later(delay, self._schedule_reap, session)
+
+    def _spawn_close(self, session: Session, reason: str) -> None:
+        asyncio.get_running_loop().create_task(self.close(session.id, reason, missing_ok=True),
+                                               name=f"reap-{session.id}")
+
+    # The teardown funnel --------------------------------------------------------------------------------
+    async def close(self, session_id: str, reason: str, missing_ok: bool = False) -> dict[str, Any]:
+        """End a session: every path comes here.  Idempotent: a second call waits for the first."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            if missing_ok or session_id in self._draining:
+                return {"closed": True}
+            raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session not found: {session_id!r}", {"session_id": session_id})
+        if session.teardown is None:
+            session.teardown = asyncio.get_running_loop().create_task(self._teardown(session, reason),
+                                                                      name=f"teardown-{session.id}")
+        return await asyncio.shield(session.teardown)
+
+    async def _teardown(self, session: Session, reason: str) -> dict[str, Any]:
+        started = time.monotonic()
+        session.turns.closing()
+        if session.reap_timer is not None:
+            session.reap_timer.cancel()
+            session.reap_timer = None
+        slot = session.slot
+        starter = slot.starter
+        worker = slot.release()
+        session.room.set()
+        stops: list[Any] = []
+        if worker is not None:
+            stops.append(worker.stop())
+        if session.slash is not None:
+            stops.append(session.slash.close())
+        results = await asyncio.gather(*stops, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.error("session %s: teardown step failed: %r", session.id, result)
+        for task in (slot.reader, starter):
+            if task is not None and not task.done() and task is not asyncio.current_task():
+                task.cancel()
+        slot.empty()
+        for future in session.turn_ended.values():
+            if not future.done():
+                future.set_result("closed")  # an interrupt waiting on the turn gets its answer
+        if worker is not None and isinstance(results[0], ExitStatus):
+            self._emit_exit(session, results[0], expected=True)
+        self._emit(session, EventType.SESSION_CLOSED, {"reason": str(reason)})
+        session.turns.closed()
+        self._sessions.pop(session.id, None)
+        if session.owner is not None and session.owner.is_open and session.stream.pending:
+            # The owner is behind: keep the session until its last events (session.closed included)
+            # reach it, or it leaves.  events.since can read them meanwhile.
+            self._draining[session.id] = session
+            asyncio.get_running_loop().call_later(_DRAIN_KEEP_S, self._finish_draining, session)
+        else:
+            self._disown(session)
+        summary = session.summary()
+        del summary["attached"]
+        self._closed[session.id] = {**summary, "closed_reason": str(reason)}
+        while len(self._closed) > _CLOSED_KEPT:
+            self._closed.popitem(last=False)
+        self.metrics.reaps.labels(reason=str(reason)).inc()
+        self.metrics.teardown.observe(time.monotonic() - started)
+        return {"closed": True}
+
+    def _finish_draining(self, session: Session) -> None:
+        if self._draining.get(session.id) is session:
+            del self._draining[session.id]
+        self._disown(session)
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(self.close(sid, reason, missing_ok=True) for sid in list(self._sessions)),
+                             return_exceptions=True)
+
+
+def _state_of(body: bytes) -> bytes | None:
+    """The ``state`` of an ``Op.STATE`` frame, kept encoded (the worker encoded it; the next worker decodes)."""
+    prefix = b'{"state":'
+    if body.startswith(prefix) and body.endswith(b"}") and body.count(b'"state"') == 1:
+        value = body[len(prefix):-1].strip()
+    else:  # another encoder's spelling: decode (state frames are rare: one per turn)
+        try:
+            decoded = json.loads(body)
+        except ValueError:
+            return None
+        value = encode_json(decoded.get("state")) if isinstance(decoded, dict) else b"null"
+    return None if value == b"null" else value

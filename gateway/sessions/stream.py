@@ -1,0 +1,84 @@
+"""One session's event stream: ``seq`` assignment, the log, and what its owner has been given.  No I/O.
+
+``produce`` gives each event the next ``seq`` and appends its frame to the :class:`EventLog` at once, so
+events the gateway makes itself (``worker.exited``, ``session.closed``...) and those relayed from the worker
+share one gapless order.  ``deliver`` then hands the caller the frames the owner may get now: those after
+:attr:`delivered`, up to the log's durable seq, while the owner has room.  The registry sends them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from gateway import rpc
+from gateway.store.log import EventLog
+from gateway.wire import EventType
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Events after ``delivered`` are no longer held: the owner is told with ``replay.truncated``."""
+
+    first_seq: int
+
+
+class EventStream:
+    def __init__(self, session_id: str, log: EventLog, *, reader_max_events: int, reader_max_bytes: int,
+                 seq: int = 0) -> None:
+        self.session_id = session_id
+        self.log = log
+        self.seq = seq  # last seq assigned
+        self.delivered = seq  # last seq handed to the owner (queued on its connection)
+        self._reader_max_events = reader_max_events
+        self._reader_max_bytes = reader_max_bytes
+
+    def produce(self, event_type: str, payload_json: bytes) -> str:
+        """Assign the next seq to an event whose payload is already encoded; returns its frame."""
+        self.seq += 1
+        frame = rpc.wrap_event(event_type, payload_json, self.session_id, self.seq).decode("utf-8", "replace")
+        self.log.append(self.seq, event_type, frame)
+        return frame
+
+    @property
+    def pending(self) -> bool:
+        """Durable events the owner has not been given yet."""
+        return self.delivered < self.log.durable_seq
+
+    def deliver(self, has_room: Callable[[], bool]) -> Iterator[tuple[int, str] | Gap]:
+        """Frames for the owner, in order, while ``has_room()``; advances :attr:`delivered` as it goes."""
+        durable = self.log.durable_seq
+        while self.delivered < durable and has_room():
+            seq = self.delivered + 1
+            frame = self.log.get(seq)
+            if frame is None:  # no longer held: say so instead of leaving a silent gap
+                first = self.log.since(seq).first_seq
+                self.delivered = first - 1
+                yield Gap(first)
+                continue
+            self.delivered = seq
+            yield seq, frame
+
+    def rewind(self, after_seq: int) -> None:
+        """A new owner has everything up to ``after_seq``: deliver from there, and the log may forget it."""
+        self.delivered = after_seq
+        self.log.ack(after_seq)
+
+    def ack(self, seq: int) -> int:
+        """The owner acknowledged ``seq``; returns the acknowledged seq (never beyond what it was given)."""
+        seq = min(seq, self.delivered)
+        self.log.ack(seq)
+        return seq
+
+    def settle(self, seq: int) -> None:
+        self.log.settle(seq)
+
+    @property
+    def reader_has_room(self) -> bool:
+        """Whether the worker's pipe may be read: events the owner's socket has not taken are bounded."""
+        return (self.log.unsettled_count < self._reader_max_events
+                and self.log.unsettled_bytes < self._reader_max_bytes)
+
+    @staticmethod
+    def truncation_frame(session_id: str, first_seq: int) -> str:
+        return rpc.encode_event(EventType.REPLAY_TRUNCATED, {"first_seq": first_seq}, session_id, None)

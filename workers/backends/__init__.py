@@ -1,0 +1,69 @@
+"""The worker backend seam: where a session's agent worker runs is this package's business.
+
+The gateway holds a :class:`WorkerBackend` and the :class:`Worker` handles it hands out; it never learns
+whether a worker is a local child process or runs on another machine.  ``local`` (the forkserver pool of
+:mod:`workers.supervisor`) is the default implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from workers.channel import Frame
+from workers.supervisor import ExitStatus, UnknownAgentError, WorkerStartError
+
+__all__ = ["ExitStatus", "UnknownAgentError", "Worker", "WorkerBackend", "WorkerStartError", "create_backend"]
+
+
+class Worker(Protocol):
+    """One worker life, as the gateway sees it."""
+
+    @property
+    def pid(self) -> int:
+        """The worker's pid on its host (shown to clients; not a handle: the gateway never signals it)."""
+        ...
+
+    def send(self, op: str, body: dict[str, Any] | None = None) -> None:
+        """Queue a control frame without blocking."""
+        ...
+
+    def frames(self) -> AsyncIterator[Frame]:
+        """The worker's frames in order, until EOF; not pulling is backpressure."""
+        ...
+
+    async def stop(self) -> ExitStatus:
+        """End the worker and everything it started; idempotent; reports how it ended."""
+        ...
+
+    async def wait(self) -> ExitStatus: ...
+
+
+class WorkerBackend(Protocol):
+    @property
+    def live_workers(self) -> int: ...
+
+    @property
+    def pool_ready(self) -> int: ...
+
+    def known_agents(self) -> list[str]: ...
+
+    async def start(self) -> None: ...
+
+    async def acquire(self, agent: str, options: dict[str, Any], cwd: str | None, session_id: str | None = None,
+                      state: bytes | None = None) -> Worker:
+        """A worker ready to take a prompt, with the agent's saved ``state`` restored when given.
+        Raises :class:`UnknownAgentError` (4004) or :class:`WorkerStartError` (5001)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def create_backend(config: Any) -> WorkerBackend:
+    """The backend ``config.backend`` names (default: the local forkserver pool)."""
+    name = getattr(config, "backend", "local")
+    if name == "local":
+        from workers.supervisor import Supervisor
+
+        return Supervisor.from_config(config)
+    raise ValueError(f"unknown worker backend {name!r}")
