@@ -36,6 +36,8 @@ from workers.backends import WorkerBackend, create_backend
 
 logger = logging.getLogger("worker_gateway.app")
 STATIC_DIR = Path(__file__).parent / "static"
+#: Requests of one connection whose handlers may run at once (more wait unread in its socket).
+_MAX_INFLIGHT_PER_CONNECTION = 64
 
 
 @dataclass
@@ -224,6 +226,11 @@ async def _receive_loop(state: GatewayState, websocket: WebSocket, conn: Connect
             task = asyncio.get_running_loop().create_task(_dispatch(ctx, request))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
+            # Let the handler run before the next read, so that its answer counts against the budget
+            # checked above; and bound the handlers in flight per connection.
+            await asyncio.sleep(0)
+            if len(tasks) >= _MAX_INFLIGHT_PER_CONNECTION:
+                await asyncio.wait(set(tasks), return_when=asyncio.FIRST_COMPLETED)
     except WebSocketDisconnect:
         pass
 
