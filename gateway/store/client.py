@@ -215,7 +215,7 @@ class EventStore:
         self._send(pipe.encode_put_state(session_id, through_seq, state))
 
     def _send(self, data: bytes) -> None:
-        if self._closing or self._writer.closed:
+        if self._closing or self._writer.closed or self._exit_task.done():
             raise StoreError(self._health or "the store is closed")
         try:
             self._writer.write(data)
