@@ -77,22 +77,28 @@ class EventStore:
         how the tests fill the "disk"."""
         state_dir = prepare_state_dir(Path(state_dir))
         lock_fd = acquire_lock(state_dir)
-        try:
-            return await cls._start(state_dir, lock_fd, on_durable=on_durable, on_health=on_health,
+        return await cls._start(state_dir, lock_fd, on_durable=on_durable, on_health=on_health,
                                     retention_s=retention_s, max_bytes=max_bytes, open_timeout_s=open_timeout_s,
                                     request_timeout_s=request_timeout_s, max_write_buffer=max_write_buffer,
-                                    maintenance_every_s=maintenance_every_s, max_page_count=_max_page_count)
-        except BaseException:
-            os.close(lock_fd)
-            raise
+                                maintenance_every_s=maintenance_every_s, max_page_count=_max_page_count)
 
     @classmethod
     async def _start(cls, state_dir: Path, lock_fd: int, *, on_durable: Callable[[dict[str, int]], None],
                      on_health: Callable[[str | None], None] | None, retention_s: float, max_bytes: int,
                      open_timeout_s: float, request_timeout_s: float, max_write_buffer: int,
                      maintenance_every_s: float, max_page_count: int | None) -> EventStore:
-        req_r, req_w = os.pipe()
-        ans_r, ans_w = os.pipe()
+        """Start the writer; ``lock_fd`` is owned from here on (closed on every failure path)."""
+        try:
+            req_r, req_w = os.pipe()
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        try:
+            ans_r, ans_w = os.pipe()
+        except BaseException:
+            for fd in (lock_fd, req_r, req_w):
+                os.close(fd)
+            raise
         argv = [sys.executable, "-m", "gateway.store.writer_main", "--db", str(database_path(state_dir)),
                 "--read-fd", str(req_r), "--write-fd", str(ans_w), "--lock-fd", str(lock_fd),
                 "--parent-pid", str(os.getpid()), "--retention-s", repr(float(retention_s)),
@@ -103,13 +109,25 @@ class EventStore:
             process = subprocess.Popen(argv, pass_fds=(req_r, ans_w, lock_fd), stdin=subprocess.DEVNULL,
                                        start_new_session=True, close_fds=True)
         except BaseException:
-            for fd in (req_r, req_w, ans_r, ans_w):
+            for fd in (lock_fd, req_r, req_w, ans_r, ans_w):
                 os.close(fd)
             raise
         os.close(req_r)  # only the writer holds these ends now: its death is our EOF, ours its EOF
         os.close(ans_w)
-        reader = await open_frame_reader(ans_r, max_queued_bytes=8 * 1024 * 1024, max_queued_frames=4096)
-        writer = await open_frame_writer(req_w, max_buffer=max_write_buffer)
+        try:
+            reader = await open_frame_reader(ans_r, max_queued_bytes=8 * 1024 * 1024, max_queued_frames=4096)
+        except BaseException:
+            os.close(req_w)  # EOF: the writer exits
+            await asyncio.shield(_wait_exit(process))
+            os.close(lock_fd)
+            raise
+        try:
+            writer = await open_frame_writer(req_w, max_buffer=max_write_buffer)
+        except BaseException:
+            reader.close()
+            await asyncio.shield(_wait_exit(process))
+            os.close(lock_fd)
+            raise
         store = cls(state_dir=state_dir, lock_fd=lock_fd, process=process, reader=reader, writer=writer,
                     on_durable=on_durable, on_health=on_health, request_timeout_s=request_timeout_s)
         try:
@@ -131,15 +149,16 @@ class EventStore:
         store._pump_task = asyncio.ensure_future(store._pump())
         return store
 
-    async def close(self) -> None:
-        """Commit what is queued, stop the writer, release the state directory."""
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Commit what is queued, stop the writer, release the state directory.  While writes fail (disk
+        full) the writer makes one last attempt, then exits saying how much it could not write."""
         if self._closed:
             return
         self._closing = True
         try:
-            if not self._writer.closed and self._exit_task.done() is False:
-                with contextlib.suppress(StoreError):
-                    await self._request(StoreOp.CLOSE, {})
+            if not self._writer.closed and not self._exit_task.done():
+                with contextlib.suppress(StoreError, TimeoutError):
+                    await asyncio.wait_for(self._request(StoreOp.CLOSE, {}), timeout_s)
         finally:
             await self._abort()
 

@@ -113,7 +113,7 @@ def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: 
         if pidfd is None and not _parent_alive(parent_pid):
             ending = True
         closing = False
-        while not eof and not writer.batch_full and not (writer.health and writer.queued_bytes > HOLD_BYTES):
+        while not eof and (writer.queued_bytes <= HOLD_BYTES if writer.health else not writer.batch_full):
             try:
                 data = os.read(read_fd, _READ_SIZE)
             except BlockingIOError:
