@@ -287,7 +287,7 @@ async def test_close_commits_everything_queued(tmp_path: Path, acks: Acks) -> No
 
 
 _OWNER = textwrap.dedent("""
-    import asyncio, sys
+    import asyncio, os, sys, time
     from pathlib import Path
     from gateway.store import EventStore
 
@@ -297,6 +297,12 @@ _OWNER = textwrap.dedent("""
                 print("acked", seqs["s1"], flush=True)
         store = await EventStore.open(Path(sys.argv[1]), on_durable=durable, retention_s=1e9, max_bytes=1 << 40)
         print("writer", store.writer_pid, flush=True)
+        if sys.argv[2] == "fork":  # a child that inherits the pipe: the writer sees no EOF, only the pidfd
+            holder = os.fork()
+            if holder == 0:
+                time.sleep(120)
+                os._exit(0)
+            print("holder", holder, flush=True)
         seq = 0
         while True:  # stream until killed
             for _ in range(50):
@@ -331,13 +337,20 @@ class Lines:
         return line.decode()
 
 
-def test_writer_outlives_a_killed_gateway_only_to_commit_what_it_had(tmp_path: Path) -> None:
-    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path)], stdout=subprocess.PIPE, cwd=ROOT)
+@pytest.mark.parametrize("pipe_held", [False, True], ids=["pipe-eof", "pipe-held-by-a-fork"])
+def test_writer_outlives_a_killed_gateway_only_to_commit_what_it_had(tmp_path: Path, pipe_held: bool) -> None:
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path), "fork" if pipe_held else "-"],
+                             stdout=subprocess.PIPE, cwd=ROOT)
+    holder: psutil.Process | None = None
     try:
         lines = Lines(owner)
         kind, pid = lines.next(30).split()
         assert kind == "writer"
         writer = psutil.Process(int(pid))
+        if pipe_held:
+            kind, pid = lines.next(30).split()
+            assert kind == "holder"
+            holder = psutil.Process(int(pid))
         acked = 0
         while acked < 3000:
             kind, value = lines.next(30).split()
@@ -353,6 +366,9 @@ def test_writer_outlives_a_killed_gateway_only_to_commit_what_it_had(tmp_path: P
             owner.wait(10)
         assert owner.stdout is not None
         owner.stdout.close()
+        if holder is not None:  # started by our owner: ours to end (it also holds the state-dir lock)
+            holder.kill()
+            assert not wait_for_gone([holder], timeout=10.0)
 
     async def check() -> None:
         acks = Acks()
