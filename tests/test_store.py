@@ -382,3 +382,30 @@ def test_writer_outlives_a_killed_gateway_only_to_commit_what_it_had(tmp_path: P
         assert all(f == b'{"n":%d}' % seq for seq, f in rows)
 
     asyncio.run(check())
+
+
+async def test_bad_session_fields_are_refused_at_the_call(store: EventStore, acks: Acks) -> None:
+    with pytest.raises(ValueError):
+        store.create_session({"agent": "echo"})
+    with pytest.raises(ValueError):
+        store.update_session("s1", title=["no"])
+    store.append("s1", 1, "message.delta", frame(1))
+    await async_wait_for(lambda: acks.highest("s1") == 1, 20)
+
+
+async def test_a_failing_callback_does_not_stop_the_store(tmp_path: Path) -> None:
+    seen: list[dict[str, int]] = []
+
+    def durable(seqs: dict[str, int]) -> None:
+        seen.append(seqs)
+        raise RuntimeError("a bug in the caller")
+
+    s = await EventStore.open(tmp_path, on_durable=durable, retention_s=DAY, max_bytes=1 << 30)
+    try:
+        s.append("s1", 1, "message.delta", frame(1))
+        await async_wait_for(lambda: seen, 20)
+        s.append("s1", 2, "message.delta", frame(2))
+        await async_wait_for(lambda: seen[-1].get("s1") == 2, 20)
+        assert s.health is None
+    finally:
+        await s.close()

@@ -298,3 +298,35 @@ def test_database_uses_wal_and_full_sync(tmp_path: Path) -> None:
     # The file is a plain SQLite database other tools can read (backups, inspection).
     with sqlite3.connect(database_path(tmp_path)) as other:
         assert {"sessions", "events", "state"} <= {r[0] for r in other.execute("SELECT name FROM sqlite_master")}
+
+
+@pytest.mark.parametrize("body", [
+    {"meta": {"agent": "echo"}},  # no session_id
+    {"meta": {"session_id": "a", "title": {"not": "a column value"}}},
+    {"meta": {"session_id": "a", "last_active": True}},
+    {"meta": "not an object"},
+])
+def test_a_session_row_that_could_never_commit_is_refused_before_it_is_queued(tmp_path: Path,
+                                                                              body: dict) -> None:
+    writer = make(tmp_path)
+    with pytest.raises(ValueError):
+        writer.submit(frames(control_frame(StoreOp.CREATE_SESSION, body))[0])
+    append(writer, "a", range(1, 3))
+    assert controls(writer.commit(), StoreOp.DURABLE) == [{"a": 2}]  # the writes behind it still commit
+
+
+def test_truncated_append_is_a_value_error(tmp_path: Path) -> None:
+    writer = make(tmp_path)
+    with pytest.raises(ValueError):
+        writer.submit(Frame(Kind.EVENT, StoreOp.APPEND, b"\x00"))
+
+
+def test_reopening_a_closed_session_ends_its_retention_clock(tmp_path: Path) -> None:
+    writer = make(tmp_path)
+    submit(writer, control_frame(StoreOp.CREATE_SESSION, {"meta": {"session_id": "a"}}))
+    submit(writer, control_frame(StoreOp.UPDATE_SESSION, {"session_id": "a", "fields": {"status": "closed"}}))
+    [row] = request(writer, StoreOp.LIST_SESSIONS, limit=9, include_closed=True)[0]
+    assert row["closed_at"] is not None
+    submit(writer, control_frame(StoreOp.UPDATE_SESSION, {"session_id": "a", "fields": {"status": "idle"}}))
+    [row] = request(writer, StoreOp.LIST_SESSIONS, limit=9, include_closed=True)[0]
+    assert row["status"] == "idle" and row["closed_at"] is None

@@ -27,7 +27,7 @@ from gateway.store import pipe
 from gateway.store.errors import StoreCorrupt, StoreError
 from gateway.store.lock import acquire_lock, prepare_state_dir
 from gateway.store.pipe import StoreOp
-from gateway.store.sqlite_writer import database_path
+from gateway.store.sqlite_writer import check_session_fields, database_path
 from workers.channel import (
     ChannelError, Frame, FrameReader, FrameWriter, Kind, control_frame, open_frame_reader, open_frame_writer)
 
@@ -218,13 +218,13 @@ class EventStore:
     def create_session(self, meta: dict[str, Any]) -> None:
         """Store a new session (at ``session.create``).  ``meta`` needs ``session_id``; known columns
         (status, title, agent, cwd, created_at, last_active) are columns, the rest is kept as JSON."""
-        if "session_id" not in meta:
-            raise ValueError("create_session needs meta['session_id']")
+        check_session_fields(meta, creating=True)
         self._send(control_frame(StoreOp.CREATE_SESSION, {"meta": meta}))
 
     def update_session(self, session_id: str, **fields: Any) -> None:
         """Change a stored session's status, title, last_active, closed_reason... (``status="closed"``
-        also stamps ``closed_at``, which starts its retention period)."""
+        also stamps ``closed_at``, which starts its retention period; any other status clears it)."""
+        check_session_fields(fields, creating=False)
         self._send(control_frame(StoreOp.UPDATE_SESSION, {"session_id": session_id, "fields": fields}))
 
     def append(self, session_id: str, seq: int, event_type: str, frame: bytes) -> None:
@@ -329,7 +329,7 @@ class EventStore:
         body = frame.json()
         if frame.name == StoreOp.DURABLE:
             self._acknowledge(body)
-            self._on_durable(body)
+            _call(self._on_durable, body)
         elif frame.name == StoreOp.HEALTH:
             self._set_health(body.get("reason"))
         elif frame.name == StoreOp.RESULT:
@@ -355,13 +355,21 @@ class EventStore:
             return
         self._health = reason
         if self._on_health is not None:
-            self._on_health(reason)
+            _call(self._on_health, reason)
 
     def _fail_requests(self, error: StoreError) -> None:
         for request in self._requests.values():
             if not request.done.done():
                 request.done.set_exception(error)
                 request.done.exception()  # mark retrieved: its awaiter may already be gone
+
+
+def _call(callback: Callable[[Any], None], value: Any) -> None:
+    """Run a user callback; its exception is logged, never allowed to stop the pump that serves all."""
+    try:
+        callback(value)
+    except Exception:
+        logger.exception("store: callback %r failed", callback)
 
 
 class _Request:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sqlite3
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,19 @@ CREATE TABLE IF NOT EXISTS owner (
     epoch      INTEGER NOT NULL
 );
 """
+
+
+def check_session_fields(fields: Any, *, creating: bool) -> None:
+    """Refuse session fields SQLite could not store as columns (ValueError), so that no queued write can
+    fail every commit.  Fields that are not columns are kept as JSON and may be any JSON value."""
+    if not isinstance(fields, dict):
+        raise ValueError("session fields must be an object")
+    if creating and not isinstance(fields.get("session_id"), str):
+        raise ValueError("a new session needs a string session_id")
+    for name in SESSION_COLUMNS:
+        value = fields.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise ValueError(f"session field {name!r} must be a string or a number, got {type(value).__name__}")
 
 
 class OpenFailure(enum.Enum):
@@ -199,7 +213,14 @@ class SqliteWriter:
         return bool(self._batch.ops or self._requests)
 
     def submit(self, frame: Frame) -> None:
-        """Queue one frame from the gateway (a write or a request).  Raises ValueError on a bad frame."""
+        """Queue one frame from the gateway (a write or a request).  Raises ValueError on a bad frame,
+        before it is queued: a write that could never commit must not block the ones behind it."""
+        try:
+            self._submit(frame)
+        except (struct.error, IndexError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed {frame.name!r} frame: {exc}") from exc
+
+    def _submit(self, frame: Frame) -> None:
         op = StoreOp(frame.name)
         if frame.kind is Kind.EVENT:
             if op is StoreOp.APPEND:
@@ -212,7 +233,13 @@ class SqliteWriter:
                 raise ValueError(f"unexpected EVENT frame {frame.name!r}")
             return
         body = frame.json()
-        if op in (StoreOp.CREATE_SESSION, StoreOp.UPDATE_SESSION):
+        if op is StoreOp.CREATE_SESSION:
+            check_session_fields(body["meta"], creating=True)
+            self._batch.add(op, body, 0)
+        elif op is StoreOp.UPDATE_SESSION:
+            if not isinstance(body["session_id"], str):
+                raise ValueError("session_id must be a string")
+            check_session_fields(body["fields"], creating=False)
             self._batch.add(op, body, 0)
         else:
             self._requests.append((op, body))
@@ -314,8 +341,8 @@ class SqliteWriter:
 
     def _update_session(self, sid: str, fields: dict[str, Any]) -> None:
         cols = {c: fields[c] for c in SESSION_COLUMNS if c in fields}
-        if cols.get("status") == CLOSED and "closed_at" not in cols:
-            cols["closed_at"] = self._clock()
+        if "status" in cols and "closed_at" not in cols:  # closing starts retention; reopening ends it
+            cols["closed_at"] = self._clock() if cols["status"] == CLOSED else None
         extra = {k: v for k, v in fields.items() if k not in SESSION_COLUMNS}
         sets = [f"{c}=?" for c in cols]
         values: list[Any] = list(cols.values())
