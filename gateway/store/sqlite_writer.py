@@ -38,6 +38,7 @@ SCHEMA_VERSION = 1
 CLOSED = "closed"
 #: Session columns that ``update_session`` sets directly; any other field is merged into ``meta``.
 SESSION_COLUMNS = ("status", "title", "agent", "cwd", "created_at", "last_active", "closed_at", "closed_reason")
+_OPS = {op.value: op for op in StoreOp}
 _TURN_OPEN = {EventType.TURN_START.value: 1, EventType.TURN_COMPLETE.value: 0}
 
 _SCHEMA = """
@@ -151,14 +152,6 @@ def open_database(path: Path, *, max_page_count: int | None = None) -> sqlite3.C
 
 
 @dataclass
-class _Append:
-    session_id: str
-    seq: int
-    event_type: str
-    frame: bytes
-
-
-@dataclass
 class _Batch:
     """Writes queued since the last successful commit, in pipe order."""
 
@@ -221,12 +214,18 @@ class SqliteWriter:
             raise ValueError(f"malformed {frame.name!r} frame: {exc}") from exc
 
     def _submit(self, frame: Frame) -> None:
-        op = StoreOp(frame.name)
+        if frame.name == StoreOp.APPEND and frame.kind is Kind.EVENT:  # the hot path: one per event
+            row = pipe.decode_append(frame.body)
+            batch = self._batch
+            batch.ops.append((StoreOp.APPEND, row))
+            batch.rows += 1
+            batch.nbytes += len(row[3])
+            return
+        op = _OPS.get(frame.name)
+        if op is None:
+            raise ValueError(f"unknown store operation {frame.name!r}")
         if frame.kind is Kind.EVENT:
-            if op is StoreOp.APPEND:
-                sid, seq, etype, data = pipe.decode_append(frame.body)
-                self._batch.add(op, _Append(sid, seq, etype, data), len(data))
-            elif op is StoreOp.PUT_STATE:
+            if op is StoreOp.PUT_STATE:
                 sid, through, state = pipe.decode_put_state(frame.body)
                 self._batch.add(op, (sid, through, state), len(state))
             else:
@@ -283,12 +282,16 @@ class SqliteWriter:
         conn.execute("BEGIN IMMEDIATE")
         for op, value in ops:
             if op is StoreOp.APPEND:
-                rows.append((value.session_id, value.seq, value.event_type, value.frame))
-                st = stats.setdefault(value.session_id, [0, 0, -1])
-                st[0] = max(st[0], value.seq)
-                st[1] += len(value.frame)
-                if value.event_type in _TURN_OPEN:
-                    st[2] = _TURN_OPEN[value.event_type]
+                rows.append(value)
+                sid, seq, event_type, data = value
+                st = stats.get(sid)
+                if st is None:
+                    st = stats[sid] = [0, 0, -1]
+                if seq > st[0]:
+                    st[0] = seq
+                st[1] += len(data)
+                if event_type in _TURN_OPEN:
+                    st[2] = _TURN_OPEN[event_type]
                 continue
             if rows:
                 self._insert_events(rows)
