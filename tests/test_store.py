@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import selectors
 import signal
 import subprocess
@@ -407,5 +408,26 @@ async def test_a_failing_callback_does_not_stop_the_store(tmp_path: Path) -> Non
         s.append("s1", 2, "message.delta", frame(2))
         await async_wait_for(lambda: seen[-1].get("s1") == 2, 20)
         assert s.health is None
+    finally:
+        await s.close()
+
+
+async def test_a_size_limited_file_fails_closed_then_recovers_in_order(tmp_path: Path, acks: Acks) -> None:
+    """RLIMIT_FSIZE on the writer is a real size limit (writes past it fail with EFBIG), and raising it
+    again is "space returns": the held writes then commit, in order, and are acknowledged."""
+    s = await open_store(tmp_path, acks)
+    try:
+        writer = psutil.Process(s.writer_pid)
+        writer.rlimit(psutil.RLIMIT_FSIZE, (512 * 1024, resource.RLIM_INFINITY))
+        for seq in range(1, 3001):
+            s.append("s1", seq, "tool.output", frame(seq, size=1000))  # ~3 MB
+        await async_wait_for(lambda: s.health is not None, 20, what="health degraded")
+        stuck = acks.highest("s1")
+        assert stuck < 3000 and s.pending_bytes > 0
+        writer.rlimit(psutil.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        await async_wait_for(lambda: acks.highest("s1") == 3000, 30, what="the held writes committed")
+        assert s.health is None and acks.health[-1] is None and s.pending_bytes == 0
+        rows = await read_everything(s, "s1")
+        assert rows == [(seq, frame(seq, size=1000)) for seq in range(1, 3001)]
     finally:
         await s.close()

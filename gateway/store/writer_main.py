@@ -96,6 +96,7 @@ def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: 
     ending = pidfd == -1  # the gateway is already gone
     eof = False
     next_retry = 0.0
+    listening_paused = False
     while True:
         now = time.monotonic()
         degraded_wait = writer.health is not None and writer.queued_bytes and now < next_retry
@@ -107,9 +108,15 @@ def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: 
             timeout_ms = 0
         else:
             timeout_ms = int(IDLE_POLL_S * 1000)
-        for fd, _mask in poller.poll(timeout_ms):
+        holding = writer.health is not None and writer.queued_bytes > HOLD_BYTES
+        if holding != listening_paused:  # not reading: do not wake up for data we will not read
+            poller.modify(read_fd, 0 if holding else select.POLLIN)
+            listening_paused = holding
+        for fd, mask in poller.poll(timeout_ms):
             if fd == pidfd:
                 ending = True
+            elif holding and mask & (select.POLLHUP | select.POLLERR):
+                ending = True  # the gateway closed the pipe while we hold unwritable data: last attempt
         if pidfd is None and not _parent_alive(parent_pid):
             ending = True
         closing = False
