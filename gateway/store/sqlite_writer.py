@@ -202,6 +202,11 @@ class SqliteWriter:
         return self._batch.nbytes
 
     @property
+    def queued_writes(self) -> int:
+        """Writes (rows) waiting for a commit: after a failed commit, the ones held for the retry."""
+        return self._batch.rows
+
+    @property
     def has_work(self) -> bool:
         return bool(self._batch.ops or self._requests)
 

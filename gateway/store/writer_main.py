@@ -99,7 +99,7 @@ def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: 
     listening_paused = False
     while True:
         now = time.monotonic()
-        degraded_wait = writer.health is not None and writer.queued_bytes and now < next_retry
+        degraded_wait = writer.health is not None and writer.queued_writes and now < next_retry
         if eof or ending or (writer.has_work and not degraded_wait):
             timeout_ms = 0
         elif degraded_wait:
@@ -152,17 +152,17 @@ def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: 
             if writer.health is not None and (retry or health_before is None):
                 next_retry = now + RETRY_S
         if final:
-            if writer.health is not None and writer.queued_bytes:
+            if writer.health is not None and writer.queued_writes:
                 break  # the last attempt failed too: exit loudly rather than spin
             if not (ending and not eof and _more_ready(read_fd)):
                 break  # what the pipe held is committed
         elif writer.maintenance_due() and writer.health is None:
             writer.maintenance_step()
-    lost = writer.queued_bytes
+    lost_rows, lost_bytes = writer.queued_writes, writer.queued_bytes
     writer.close()
-    if lost:
-        print(f"worker-gateway store writer: {lost} bytes of events could not be written ({writer.health})",
-              file=sys.stderr)
+    if lost_rows:
+        print(f"worker-gateway store writer: {lost_rows} writes ({lost_bytes} bytes of events) could not be "
+              f"written ({writer.health}); none of them had been acknowledged", file=sys.stderr)
         return 1
     return 0
 
