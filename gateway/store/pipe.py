@@ -78,7 +78,8 @@ def decode_append(body: bytes) -> tuple[str, int, str, bytes]:
 
 def encode_put_state(session_id: str, through_seq: int, state: bytes) -> bytes:
     sid = session_id.encode("utf-8")
-    return encode_frame(Kind.EVENT, StoreOp.PUT_STATE, b"".join((_U16.pack(len(sid)), sid, _U64.pack(through_seq), state)))
+    body = b"".join((_U16.pack(len(sid)), sid, _U64.pack(through_seq), state))
+    return encode_frame(Kind.EVENT, StoreOp.PUT_STATE, body)
 
 
 def decode_put_state(body: bytes) -> tuple[str, int, bytes]:
