@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from gateway.store import pipe
 from gateway.store.pipe import StoreOp
@@ -330,3 +332,18 @@ def test_reopening_a_closed_session_ends_its_retention_clock(tmp_path: Path) -> 
     submit(writer, control_frame(StoreOp.UPDATE_SESSION, {"session_id": "a", "fields": {"status": "idle"}}))
     [row] = request(writer, StoreOp.LIST_SESSIONS, limit=9, include_closed=True)[0]
     assert row["status"] == "idle" and row["closed_at"] is None
+
+
+@given(sid=st.text(min_size=1, max_size=40), seq=st.integers(0, 2**63), etype=st.text(max_size=30),
+       data=st.binary(max_size=2000))
+def test_pipe_bodies_round_trip(sid: str, seq: int, etype: str, data: bytes) -> None:
+    assume(len(etype.encode()) <= 255)
+    [f] = frames(pipe.encode_append(sid, seq, etype, data))
+    assert (f.kind, f.name) == (Kind.EVENT, StoreOp.APPEND)
+    assert pipe.decode_append(f.body) == (sid, seq, etype, data)
+    [f] = frames(pipe.encode_put_state(sid, seq, data))
+    assert pipe.decode_put_state(f.body) == (sid, seq, data)
+    [f] = frames(pipe.encode_row(7, seq, data))
+    assert pipe.decode_row(f.body) == (7, seq, data)
+    [f] = frames(pipe.encode_state_row(9, data))
+    assert pipe.decode_state_row(f.body) == (9, data)
