@@ -292,10 +292,14 @@ _OWNER = textwrap.dedent("""
     from pathlib import Path
     from gateway.store import EventStore
 
+    acked = 0
+
     async def main():
         def durable(seqs):
+            global acked
             if "s1" in seqs:
-                print("acked", seqs["s1"], flush=True)
+                acked = seqs["s1"]
+                print("acked", acked, flush=True)
         store = await EventStore.open(Path(sys.argv[1]), on_durable=durable, retention_s=1e9, max_bytes=1 << 40)
         print("writer", store.writer_pid, flush=True)
         if sys.argv[2] == "fork":  # a child that inherits the pipe: the writer sees no EOF, only the pidfd
@@ -305,10 +309,11 @@ _OWNER = textwrap.dedent("""
                 os._exit(0)
             print("holder", holder, flush=True)
         seq = 0
-        while True:  # stream until killed
-            for _ in range(50):
-                seq += 1
-                store.append("s1", seq, "message.delta", b'{"n":%d}' % seq)
+        while True:  # stream until killed, with the gateway's backpressure: a bounded window not yet durable
+            if seq - acked < 2000:
+                for _ in range(50):
+                    seq += 1
+                    store.append("s1", seq, "message.delta", b'{"n":%d}' % seq)
             await asyncio.sleep(0.002)
 
     asyncio.run(main())
