@@ -149,6 +149,9 @@ async def test_list_recover_and_delete(tmp_path: Path, acks: Acks) -> None:
     s.update_session("c", status="closed", closed_reason="client")
     listed = await s.list_sessions(limit=10, include_closed=True)
     assert [x["session_id"] for x in listed] == ["c", "b", "a"]
+    closed = await s.get_session("c")
+    assert closed is not None and closed["status"] == "closed" and closed["title"] == "t2"
+    assert await s.get_session("nope") is None
     assert [x["session_id"] for x in await s.list_sessions(limit=10, include_closed=False)] == ["b", "a"]
     await s.close()
 

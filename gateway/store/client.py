@@ -261,6 +261,11 @@ class EventStore:
                                                             "max_events": max_events, "max_bytes": max_bytes})
         return request.rows
 
+    async def get_session(self, session_id: str) -> dict[str, Any] | None:
+        """One stored session (closed ones too: ``session.resume`` reopens them), or None."""
+        request = await self._request(StoreOp.GET_SESSION, {"session_id": session_id})
+        return request.value
+
     async def list_sessions(self, *, limit: int, include_closed: bool) -> list[dict[str, Any]]:
         """Stored sessions, newest activity first, each with ``last_seq`` and ``turn_running``."""
         request = await self._request(StoreOp.LIST_SESSIONS, {"limit": int(limit), "include_closed": include_closed})

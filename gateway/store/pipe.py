@@ -34,6 +34,7 @@ class StoreOp(enum.StrEnum):
     # gateway -> writer: requests (answered after the writes before them are committed)
     GET_STATE = "get_state"  #: {id, session_id}
     READ_EVENTS = "read_events"  #: {id, session_id, after_seq, max_events, max_bytes}
+    GET_SESSION = "get_session"  #: {id, session_id}: one stored session (or null), closed ones too
     LIST_SESSIONS = "list_sessions"  #: {id, limit, include_closed}
     RECOVER = "recover"  #: {id}
     DELETE_SESSION = "delete_session"  #: {id, session_id}

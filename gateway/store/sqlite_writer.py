@@ -412,6 +412,10 @@ class SqliteWriter:
                 return False
             out.append(pipe.encode_state_row(request_id, row[0]))
             return True
+        if op is StoreOp.GET_SESSION:
+            cursor = conn.execute("SELECT * FROM sessions WHERE session_id=?", (body["session_id"],))
+            row = cursor.fetchone()
+            return None if row is None else _session_dict(cursor.description, row)
         if op is StoreOp.LIST_SESSIONS:
             where = "" if body.get("include_closed") else f"WHERE status != '{CLOSED}'"
             cursor = conn.execute(f"SELECT * FROM sessions {where} ORDER BY last_active DESC, rowid DESC LIMIT ?",
