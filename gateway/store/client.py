@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import logging
 import os
@@ -390,6 +389,10 @@ class _Request:
 def _widen_pipe(fd: int) -> None:
     """Give the request pipe up to 1 MiB (Linux; the default is 64 KiB).  One group commit takes what
     the pipe holds while the previous one syncs, so the pipe's size bounds the rows per fsync."""
+    try:
+        import fcntl
+    except ImportError:
+        return
     setpipe = getattr(fcntl, "F_SETPIPE_SZ", None)
     if setpipe is None:
         return

@@ -8,11 +8,15 @@ the old writer is still committing to.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
 from gateway.store.errors import StoreError, StoreLocked
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no pidfd; the store is POSIX-only (run with --no-state)
+    fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = "lock"
 
@@ -29,6 +33,8 @@ def prepare_state_dir(state_dir: Path) -> Path:
 def acquire_lock(state_dir: Path) -> int:
     """Lock ``state_dir`` for this process; returns the lock file's fd (close it to release)."""
     path = state_dir / LOCK_NAME
+    if fcntl is None:
+        raise StoreError("the session store needs a POSIX system (flock); start with --no-state")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
