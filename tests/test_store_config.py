@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
+import psutil
+
 from gateway.config import Config, default_state_dir, store_state_dir
+from gateway.store import EventStore
+from tests.conftest import alive
 
 
 def test_default_state_dir_follows_xdg_state_home() -> None:
@@ -32,3 +38,16 @@ def test_store_knobs_parse_with_their_defaults() -> None:
     cfg = Config.load(["--retention-days", "0.5", "--store-max-bytes", str(2 ** 21),
                        "--detached-quota-bytes", str(2 ** 20)], environ={})
     assert (cfg.retention_days, cfg.store_max_bytes, cfg.detached_quota_bytes) == (0.5, 2 ** 21, 2 ** 20)
+
+
+async def test_from_config_opens_the_configured_dir_or_nothing(tmp_path: Path) -> None:
+    assert await EventStore.from_config(Config(no_state=True), on_durable=lambda _s: None) is None
+    store = await EventStore.from_config(Config(state_dir=str(tmp_path / "st"), retention_days=1.0),
+                                         on_durable=lambda _s: None)
+    assert store is not None
+    writer = psutil.Process(store.writer_pid)
+    try:
+        assert store.state_dir == (tmp_path / "st").resolve() and store.path.exists()
+    finally:
+        await store.close()
+    assert not alive([writer])

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.config import Config, store_state_dir
 from gateway.store import pipe
 from gateway.store.errors import StoreCorrupt, StoreError
 from gateway.store.lock import acquire_lock, prepare_state_dir
@@ -83,6 +84,17 @@ class EventStore:
                                     retention_s=retention_s, max_bytes=max_bytes, open_timeout_s=open_timeout_s,
                                     request_timeout_s=request_timeout_s, max_write_buffer=max_write_buffer,
                                 maintenance_every_s=maintenance_every_s, max_page_count=_max_page_count)
+
+    @classmethod
+    async def from_config(cls, config: Config, *, on_durable: Callable[[dict[str, int]], None],
+                          on_health: Callable[[str | None], None] | None = None) -> EventStore | None:
+        """The store a ``serve`` run asks for: None with ``--no-state``, else opened on ``--state-dir``
+        (or the default) with the retention and size cap of ``config``."""
+        state_dir = store_state_dir(config)
+        if state_dir is None:
+            return None
+        return await cls.open(Path(state_dir), on_durable=on_durable, on_health=on_health,
+                              retention_s=config.retention_days * 86400.0, max_bytes=config.store_max_bytes)
 
     @classmethod
     async def _start(cls, state_dir: Path, lock_fd: int, *, on_durable: Callable[[dict[str, int]], None],
