@@ -99,12 +99,39 @@ KNOBS: tuple[Knob, ...] = (
     Knob("max_title_chars", int, 4096, "longest session title accepted (longer: -32602)", 16, None),
     Knob("events_page_max_bytes", int, 8 * _MIB, "most bytes of events one session.events.since answer holds", 64 * 1024, None),
     Knob("events_page_max_events", int, 100000, "most events one session.events.since answer holds", 16, None),
+    # --- session store ---
+    Knob("state_dir", str, None, "directory of the session store (default $XDG_STATE_HOME/worker-gateway, "
+         "else ~/.local/state/worker-gateway)", optional=True),
+    Knob("no_state", bool, False, "keep sessions in memory only (no store; a restart loses them)"),
+    Knob("retention_days", float, 30.0, "days a closed session stays stored", 0, None),
+    Knob("store_max_bytes", int, 1024 * _MIB, "event bytes the store keeps; past it the oldest closed "
+         "sessions go first", _MIB, None),
+    Knob("detached_quota_bytes", int, 64 * _MIB, "bytes a running turn may add to the log while its session "
+         "is detached; past it the turn blocks", 64 * 1024, None),
 )
 
 _KNOBS_BY_NAME = {k.name: k for k in KNOBS}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _NONE = {"none", "off", "null", "disabled"}
+
+
+# --- session store ---
+def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
+    """``$XDG_STATE_HOME/worker-gateway``, else ``~/.local/state/worker-gateway`` (the XDG base-dir rule:
+    a relative XDG_STATE_HOME is ignored)."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_STATE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "worker-gateway")
+
+
+def store_state_dir(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
+    """Where this run keeps its store: None with ``--no-state``, else ``--state-dir`` or the default."""
+    if config.no_state:
+        return None
+    return os.path.expanduser(config.state_dir) if config.state_dir else default_state_dir(environ)
 
 
 class ConfigError(ValueError):
@@ -218,6 +245,12 @@ class Config:
     max_title_chars: int = 4096
     events_page_max_bytes: int = 8 * _MIB
     events_page_max_events: int = 100000
+    # --- session store ---
+    state_dir: str | None = None
+    no_state: bool = False
+    retention_days: float = 30.0
+    store_max_bytes: int = 1024 * _MIB
+    detached_quota_bytes: int = 64 * _MIB
 
     def __post_init__(self) -> None:
         if self.ping_explicit:

@@ -9,15 +9,27 @@ of the relay are plain integers (:class:`LoopCounter`): they are bumped on the l
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from gateway.app import GatewayState
+class LiveState(Protocol):
+    """What the gauges are read from at render time (the gateway's state; nothing here imports it)."""
+
+    @property
+    def sessions(self) -> Any: ...  # .count_by_status() -> dict[str, int]
+
+    @property
+    def backend(self) -> Any: ...  # .live_workers, .pool_ready
+
+    @property
+    def terminals(self) -> Any: ...  # .count
+
+    @property
+    def lag(self) -> Any: ...  # .snapshot() -> {"p99": ms, "max": ms}
 
 #: Loop lag: fine below 50 ms (the range the design promises to stay in), coarse above it (the range an
 #: in-process design lives in), so that a p99 interpolated from the buckets is meaningful in both.
@@ -101,7 +113,7 @@ class Metrics:
                 status = value
         self.turns.labels(status=status).inc()
 
-    def render(self, state: GatewayState) -> tuple[bytes, str]:
+    def render(self, state: LiveState) -> tuple[bytes, str]:
         """Refresh the gauges that are read from live state, then render the exposition text."""
         self._sessions.clear()
         if state.sessions is not None:
