@@ -31,6 +31,7 @@ from gateway.methods import HANDLERS, CallContext, Components, Frames
 from gateway.ratelimit import TokenBucket
 from gateway.sessions import SessionRegistry
 from gateway.slash import SlashRunner  # noqa: F401  (imported so a broken slash module fails at start-up)
+from gateway.store import EventStore
 from gateway.terminals import TerminalRegistry
 from workers.backends import WorkerBackend, create_backend
 
@@ -51,17 +52,35 @@ class GatewayState:
     connections: set[Connection] = field(default_factory=set)
     backend: WorkerBackend | None = None
     components: Components | None = None
+    store: EventStore | None = None
     sessions: SessionRegistry | None = None
     terminals: TerminalRegistry | None = None
     lag: LoopLagMonitor | None = None
     shutting_down: bool = False
+
+    async def open_store(self) -> None:
+        """Open the session store (before the server accepts anything).  Raises :class:`StoreError`
+        (locked by another gateway, corrupt, unwritable): the server then exits 2 with its message."""
+        self.store = await EventStore.from_config(self.config, on_durable=self._on_durable)
+        if self.store is not None:
+            await self.store.claim(self.epoch)
+
+    def _on_durable(self, durable: dict[str, int]) -> None:
+        if self.sessions is not None:
+            self.sessions.on_durable(durable)
+
+    async def close_store(self) -> None:
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
 
     async def start(self) -> None:
         self.lag = LoopLagMonitor(observer=self.metrics.loop_lag.observe)
         self.lag.start()
         self.backend = create_backend(self.config)
         await self.backend.start()
-        self.sessions = SessionRegistry(self.config, self.backend, self.metrics)
+        self.sessions = SessionRegistry(self.config, self.backend, self.metrics, self.store)
+        await self.sessions.recover()
         self.terminals = TerminalRegistry(self.config)
         self.components = Components(self.config, self.sessions, self.terminals, self.backend)
 
@@ -78,13 +97,16 @@ class GatewayState:
             await self.terminals.close_all()
         if self.backend is not None:
             await self.backend.close()
+        await self.close_store()
         if self.lag is not None:
             await self.lag.stop()
 
     def health(self) -> dict[str, Any]:
         lag = self.lag.snapshot() if self.lag else {"max": 0.0, "p99": 0.0, "last": 0.0}
+        degraded = self.sessions.store_health if self.sessions else None
         return {
-            "status": "ok",
+            "status": "ok" if degraded is None else "degraded",
+            **({"reason": degraded} if degraded is not None else {}),
             "sessions": self.sessions.live_count if self.sessions else 0,
             "workers": self.backend.live_workers if self.backend else 0,
             "connections": len(self.connections),

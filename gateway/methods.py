@@ -85,12 +85,12 @@ async def _create(ctx: CallContext, p: dict[str, Any]) -> Reply:
 
 async def _resume(ctx: CallContext, p: dict[str, Any]) -> Reply:
     sessions = ctx.components.sessions
-    frames = sessions.resume(ctx.conn, ctx.request_id, p)
+    frames = await sessions.resume(ctx.conn, ctx.request_id, p)
     return Frames(frames, lambda: sessions.after_resume(p["session_id"]))
 
 
 async def _events_since(ctx: CallContext, p: dict[str, Any]) -> Reply:
-    return Frames([ctx.components.sessions.events_since_text(ctx.request_id, p)])
+    return Frames([await ctx.components.sessions.events_since_text(ctx.request_id, p)])
 
 
 async def _ack(ctx: CallContext, p: dict[str, Any]) -> Reply:

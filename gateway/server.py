@@ -26,6 +26,7 @@ from gateway.app import GatewayState, create_app
 from gateway.config import Config, ConfigError
 from gateway import wire
 from gateway.loops import select_loop_factory
+from gateway.store.errors import StoreError
 
 logger = logging.getLogger("worker_gateway.server")
 READY_PREFIX = wire.READY_LINE_PREFIX
@@ -129,6 +130,7 @@ class GatewayServer(uvicorn.Server):
         self.gateway_config = gateway_config
         self.state = state
         self.port: int | None = None
+        self.startup_error: str | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
@@ -159,10 +161,18 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        with self.capture_signals():
-            await self._serve(sockets)
-            # A signal was a request for a graceful stop, which is done: exit 0 rather than re-raising it.
-            self._captured_signals.clear()
+        try:
+            await self.state.open_store()
+        except StoreError as exc:
+            self.startup_error = exc.message
+            return
+        try:
+            with self.capture_signals():
+                await self._serve(sockets)
+                # A signal was a request for a graceful stop, which is done: exit 0 rather than re-raising it.
+                self._captured_signals.clear()
+        finally:
+            await self.state.close_store()
 
 
 def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
@@ -205,4 +215,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         pass
     finally:
         sock.close()
+    if server.startup_error is not None:
+        print(f"worker-gateway: error: {server.startup_error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     return 0 if server.started or server.should_exit else 1

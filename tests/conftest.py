@@ -101,6 +101,12 @@ class GatewayProcess:
         cmd = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
         if self.token:
             cmd += ["--token", self.token]
+        if not any(a.startswith(("--state-dir", "--no-state")) for a in self.args):
+            # Never the user's default state dir: a store of its own for every gateway a test starts.
+            import tempfile
+
+            self.state_dir = tempfile.mkdtemp(prefix="wg-state-")
+            cmd += ["--state-dir", self.state_dir]
         return cmd + self.args
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:

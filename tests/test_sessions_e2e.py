@@ -10,6 +10,7 @@ import signal
 import time
 
 import psutil
+import pytest
 import websockets
 
 from conftest import ROOT, RpcClient, async_wait_for, pgid_members
@@ -117,8 +118,9 @@ async def test_resume_supersedes_previous_owner(rpc_connect) -> None:
 
 
 async def test_replay_truncation_is_reported(gateway_factory) -> None:
-    """The count bound drops only acknowledged events (issue 13 section 2), so the owner acks first."""
-    gw = gateway_factory("--replay-max-events", "16")
+    """The count bound drops only acknowledged events (issue 13 section 2), so the owner acks first.
+    In memory only: with the store, older events are read from disk instead."""
+    gw = gateway_factory("--replay-max-events", "16", "--no-state")
     async with RpcClient.connect(gw.url()) as a:
         sid = (await a.call("session.create"))["session_id"]
         await a.run_turn(sid, " ".join(f"w{i}" for i in range(30)))
@@ -251,8 +253,9 @@ async def test_close_on_disconnect_ends_the_group_at_once(rpc_connect, gateway) 
         assert (await client.call("session.active_list"))["sessions"] == []
 
 
-async def test_detached_session_reaped_after_grace(gateway_factory) -> None:
-    gw = gateway_factory("--grace-s", "1")
+@pytest.mark.parametrize("store", [False, True], ids=["no-state", "store"])
+async def test_detached_session_reaped_after_grace(gateway_factory, store: bool) -> None:
+    gw = gateway_factory("--grace-s", "1", *(() if store else ("--no-state",)))
     async with RpcClient.connect(gw.url()) as client:
         created = await client.call("session.create")
         sid, pid = created["session_id"], created["worker_pid"]
@@ -261,8 +264,24 @@ async def test_detached_session_reaped_after_grace(gateway_factory) -> None:
         assert listed and listed[0]["attached"] is False
         await async_wait_for(lambda: group_gone(pid), 10, what="grace expiry")
         assert (await client.call("session.active_list"))["sessions"] == []
-        since = await client.request("session.events.since", {"session_id": sid, "after_seq": 0})
-        assert since["error"]["code"] == 4001
+        if store:  # a closed session stays stored (PROTOCOL section 8): its history is still readable
+            async def closed_in_list() -> list:
+                listed = (await client.call("session.list"))["sessions"]
+                return [(r["session_id"], r["status"], r["closed_reason"]) for r in listed]
+            for _ in range(100):
+                if await closed_in_list() == [(sid, "closed", "grace_expired")]:
+                    break
+                await asyncio.sleep(0.05)
+            assert await closed_in_list() == [(sid, "closed", "grace_expired")]
+            since = await client.call("session.events.since", session_id=sid, after_seq=0)
+            assert since["events"][-1]["payload"] == {"reason": "grace_expired"}
+        else:
+            for _ in range(100):  # the teardown finishes just after the worker's group is gone
+                since = await client.request("session.events.since", {"session_id": sid, "after_seq": 0})
+                if "error" in since:
+                    break
+                await asyncio.sleep(0.05)
+            assert since["error"]["code"] == 4001
 
 
 async def test_running_session_outlives_grace_until_its_turn_ends(gateway_factory) -> None:

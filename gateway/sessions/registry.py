@@ -28,8 +28,10 @@ from gateway import rpc
 from gateway.connection import Connection
 from gateway.sessions.reaping import ReapInputs, reap_decision
 from gateway.sessions.session import Session, SlotState
-from gateway.sessions.stream import EventStream, Gap
+from gateway.sessions.stream import EventStream, Gap, OnDisk
 from gateway.sessions.turns import LIVE_STATUSES, QueueFull, SessionStatus
+from gateway.store.durable import DurableEventLog
+from gateway.store.errors import StoreError
 from gateway.store.memory import MemoryEventLog
 from gateway.wire import CloseReason, ErrorCode, EventType, TurnStatus
 from workers.backends import ExitStatus, UnknownAgentError, Worker, WorkerBackend, WorkerStartError
@@ -39,6 +41,7 @@ from workers.ops import Op
 if TYPE_CHECKING:
     from gateway.config import Config
     from gateway.metrics import Metrics
+    from gateway.store.client import EventStore
 
 logger = logging.getLogger("worker_gateway.sessions")
 
@@ -48,13 +51,23 @@ _YIELD_EVERY_BYTES = 256 * 1024
 _DRAIN_KEEP_S = 60.0
 #: Closed sessions listed by session.list when there is no store.
 _CLOSED_KEPT = 1000
+#: Bytes queued to the store but not yet committed, over all sessions, before readers pause.
+_STORE_PENDING_MAX = 32 * 1024 * 1024
+#: One piece of a read from disk (a resume older than the cache, an events.since page).
+_DISK_PIECE_EVENTS = 1024
+_DISK_PIECE_BYTES = 1024 * 1024
+#: Option keys whose values are secrets (the openai agent's key and proxy headers): never stored.
+_SECRET_OPTIONS = frozenset({"api_key", "headers"})
+_LIST_FIELDS = ("session_id", "agent", "title", "status", "created_at", "last_active", "last_seq", "closed_reason")
 
 
 class SessionRegistry:
-    def __init__(self, config: Config, backend: WorkerBackend, metrics: Metrics) -> None:
+    def __init__(self, config: Config, backend: WorkerBackend, metrics: Metrics,
+                 store: EventStore | None = None) -> None:
         self.config = config
         self.backend = backend
         self.metrics = metrics
+        self.store = store
         self._sessions: dict[str, Session] = {}
         #: Finalized sessions whose owner has not received every event yet (PROTOCOL: nothing is lost).
         self._draining: dict[str, Session] = {}
@@ -90,28 +103,168 @@ class SessionRegistry:
     def active_list(self) -> dict[str, Any]:
         return {"sessions": [s.summary() for s in self._sessions.values() if s.live]}
 
+    # The store -------------------------------------------------------------------------------------------
+    def _new_stream(self, session_id: str, last_seq: int = 0) -> EventStream:
+        config = self.config
+        log: MemoryEventLog | DurableEventLog
+        if self.store is not None:
+            log = DurableEventLog(session_id, self.store, max_events=config.replay_max_events,
+                                  max_bytes=config.replay_max_bytes, last_seq=last_seq)
+        else:
+            log = MemoryEventLog(config.replay_max_events, config.replay_max_bytes, first_seq=last_seq + 1)
+        return EventStream(session_id, log, reader_max_events=config.replay_max_events // 2,
+                           reader_max_bytes=config.replay_max_bytes // 2, seq=last_seq)
+
+    def _store_update(self, session: Session, **fields: Any) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.update_session(session.id, last_active=session.last_active, **fields)
+        except StoreError as exc:
+            logger.warning("session %s: store update failed: %s", session.id, exc)
+
+    def on_durable(self, durable: dict[str, int]) -> None:
+        """The store committed events: deliver them, and let readers that waited on the store go on."""
+        for session_id, seq in durable.items():
+            session = self._sessions.get(session_id) or self._draining.get(session_id)
+            if session is not None and isinstance(session.stream.log, DurableEventLog):
+                session.stream.log.mark_durable(seq)
+                self._pump(session)
+                session.durable.set()
+        for session in self._sessions.values():
+            if not session.room.is_set() and self._reader_has_room(session):
+                session.room.set()
+
+    async def _until_delivered(self, session: Session, timeout: float = 10.0) -> None:
+        """Until every event produced so far is durable and queued to the owner, so that a response sent
+        next follows them (``session.close`` after ``session.closed``, as without a store)."""
+        log = session.stream.log
+        if not log.persistent:
+            return
+        target = session.seq
+        deadline = time.monotonic() + timeout
+        while log.durable_seq < target and self.store_health is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            session.durable.clear()
+            try:
+                await asyncio.wait_for(session.durable.wait(), remaining)
+            except TimeoutError:
+                return
+
+    @property
+    def store_health(self) -> str | None:
+        return self.store.health if self.store is not None else None
+
+    def _require_store_health(self) -> None:
+        reason = self.store_health
+        if reason is not None:
+            raise rpc.RpcError(ErrorCode.STORE_UNAVAILABLE, f"session store unavailable: {reason}",
+                               {"reason": reason})
+
+    async def recover(self) -> None:
+        """At start: bring back every session that was live when the last run ended (PROTOCOL section 8)."""
+        if self.store is None:
+            return
+        for row in await self.store.recover():
+            session = self._session_from_row(row)
+            self._sessions[session.id] = session
+            if row.get("turn_running"):
+                turn_id = await self._running_turn_id(session)
+                self._emit(session, EventType.WORKER_EXITED, {"pid": row.get("worker_pid"), "returncode": None,
+                                                             "signal": None, "expected": False})
+                self._emit(session, EventType.TURN_COMPLETE, {"turn_id": turn_id, "status": TurnStatus.ERROR,
+                                                             "error": "gateway restarted"})
+            self._store_update(session, status=session.status.value)
+            if session.close_on_disconnect:
+                self._spawn_close(session, CloseReason.DISCONNECT)
+            else:
+                session.detached_at = time.monotonic()
+                self._schedule_reap(session)
+
+    def _session_from_row(self, row: dict[str, Any]) -> Session:
+        session = Session(row["session_id"], row.get("agent") or self.config.agent, row.get("options") or {},
+                          row.get("cwd") or os.getcwd(), row.get("title") or "",
+                          bool(row.get("close_on_disconnect", False)), self._new_stream(row["session_id"],
+                                                                                        int(row["last_seq"])),
+                          self.config.max_queued_prompts)
+        session.created_at = float(row.get("created_at") or time.time())
+        session.last_active = float(row.get("last_active") or time.time())
+        session.restored = True
+        session.turns.worker_lost()  # idle: the next prompt starts a worker, which gets the saved state
+        return session
+
+    async def _running_turn_id(self, session: Session) -> str | None:
+        """The turn a crash interrupted: its ``turn.start`` is among the session's last events."""
+        assert self.store is not None
+        rows = await self.store.read_events(session.id, max(0, session.seq - 512), max_events=512,
+                                            max_bytes=8 * 1024 * 1024)
+        for _, frame in reversed(rows):
+            if b'"type":"turn.start"' in frame[:80]:
+                try:
+                    return json.loads(frame)["params"]["payload"]["turn_id"]
+                except (ValueError, KeyError, TypeError):
+                    return None
+        return None
+
+    async def _reopen(self, session_id: str) -> Session | None:
+        """A stored closed session comes back on ``session.resume`` (status idle, no worker yet)."""
+        if self.store is None:
+            return None
+        row = await self.store.get_session(session_id)
+        if row is None or session_id in self._sessions:
+            return self._sessions.get(session_id)
+        self._require_store_health()
+        if self.live_count >= self.config.max_sessions:
+            raise rpc.RpcError(ErrorCode.LIMIT_REACHED, f"session limit reached: max_sessions={self.config.max_sessions}",
+                               {"limit": "max_sessions"})
+        self._draining.pop(session_id, None)
+        session = self._session_from_row(row)
+        self._sessions[session.id] = session
+        self._store_update(session, status=session.status.value)
+        return session
+
     async def list_stored(self, limit: int, include_closed: bool) -> dict[str, Any]:
-        """``session.list``: live and closed sessions, newest activity first."""
+        """``session.list``: stored (or, without a store, remembered) sessions, newest activity first;
+        live ones as they are now."""
         if limit < 0:
             raise rpc.RpcError(ErrorCode.INVALID_PARAMS, f"limit must be >= 0, got {limit}", {"param": "limit"})
-        rows = []
+        rows: dict[str, dict[str, Any]] = {}
+        if self.store is not None:
+            try:
+                stored = await self.store.list_sessions(limit=limit + len(self._sessions),
+                                                        include_closed=include_closed)
+            except StoreError as exc:
+                raise rpc.RpcError(ErrorCode.STORE_UNAVAILABLE, f"session store unavailable: {exc}") from None
+            for row in stored:
+                rows[row["session_id"]] = {key: row.get(key) for key in _LIST_FIELDS}
+        elif include_closed:
+            rows.update((sid, dict(row)) for sid, row in self._closed.items())
         for session in self._sessions.values():
             if session.live:
                 row = session.summary()
                 del row["attached"]
-                rows.append({**row, "closed_reason": None})
-        if include_closed:
-            rows.extend(self._closed.values())
-        rows.sort(key=lambda row: row["last_active"], reverse=True)
-        return {"sessions": rows[:limit]}
+                rows[session.id] = {**row, "closed_reason": None}
+        ordered = sorted(rows.values(), key=lambda row: row.get("last_active") or 0, reverse=True)
+        return {"sessions": ordered[:limit]}
 
     async def delete(self, session_id: str) -> dict[str, Any]:
-        """``session.delete``: close it if live, then forget it and its events."""
+        """``session.delete``: close it if live, then remove it and its events."""
+        known = session_id in self._sessions or session_id in self._closed or session_id in self._draining
         if session_id in self._sessions:
             await self.close(session_id, CloseReason.DELETED)
-        elif session_id not in self._closed and session_id not in self._draining:
+        if self.store is not None:
+            try:
+                known = await self.store.delete_session(session_id) or known
+            except StoreError as exc:
+                raise rpc.RpcError(ErrorCode.STORE_UNAVAILABLE, f"session store unavailable: {exc}") from None
+        if not known:
             raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session not found: {session_id!r}", {"session_id": session_id})
         self._closed.pop(session_id, None)
+        draining = self._draining.pop(session_id, None)
+        if draining is not None:
+            self._disown(draining)
         return {"deleted": True}
 
     # Creation ----------------------------------------------------------------------------------------
@@ -138,12 +291,20 @@ class SessionRegistry:
             raise rpc.RpcError(ErrorCode.LIMIT_REACHED, "per-connection session limit reached: "
                                f"max_sessions_per_connection={config.max_sessions_per_connection}",
                                {"limit": "max_sessions_per_connection"})
+        self._require_store_health()
         session_id = "s" + secrets.token_hex(8)
-        stream = EventStream(session_id, MemoryEventLog(config.replay_max_events, config.replay_max_bytes),
-                             reader_max_events=config.replay_max_events // 2,
-                             reader_max_bytes=config.replay_max_bytes // 2)
         session = Session(session_id, agent, params.get("options") or {}, os.path.abspath(cwd), title,
-                          bool(params.get("close_on_disconnect", False)), stream, config.max_queued_prompts)
+                          bool(params.get("close_on_disconnect", False)), self._new_stream(session_id),
+                          config.max_queued_prompts)
+        if self.store is not None:
+            try:
+                self.store.create_session({
+                    "session_id": session.id, "agent": agent, "title": title, "cwd": session.cwd,
+                    "status": session.status.value, "created_at": session.created_at,
+                    "last_active": session.last_active, "close_on_disconnect": session.close_on_disconnect,
+                    "options": {k: v for k, v in session.options.items() if k not in _SECRET_OPTIONS}})
+            except (StoreError, ValueError) as exc:
+                raise rpc.RpcError(ErrorCode.STORE_UNAVAILABLE, f"session store unavailable: {exc}") from None
         self._sessions[session.id] = session
         self._attach(session, conn)
         if not conn.is_open:  # the owner left while we were validating
@@ -168,6 +329,12 @@ class SessionRegistry:
         """Give ``session`` a fresh worker; a worker that arrives after the session closed is stopped."""
         session.slot.state = SlotState.STARTING
         session.turns.worker_starting()
+        if session.restored and session.agent_state is None and self.store is not None:
+            session.restored = False
+            try:
+                session.agent_state = await self.store.get_state(session.id)
+            except StoreError as exc:
+                logger.warning("session %s: its saved agent state could not be read: %s", session.id, exc)
         try:
             worker = await self.backend.acquire(session.agent, session.options, session.cwd, session.id,
                                                 state=session.agent_state)
@@ -218,6 +385,9 @@ class SessionRegistry:
             previous.send(rpc.encode_event(EventType.SESSION_DETACHED, {"reason": "superseded"}, session.id, None))
         session.owner = conn
         session.detached_at = None
+        session.detached_bytes = 0
+        if isinstance(session.stream.log, DurableEventLog):
+            session.stream.log.keep_unsettled = True
         conn.sessions.add(session.id)
         conn.add_drain_listener(session.id, lambda: self._pump(session))
         if session.reap_timer is not None:
@@ -233,6 +403,10 @@ class SessionRegistry:
     def _detach(self, session: Session) -> None:
         self._disown(session)
         session.detached_at = time.monotonic()
+        if isinstance(session.stream.log, DurableEventLog):
+            # Nobody reads now: the turn runs on into the log (up to the quota), the cache keeps the newest.
+            session.stream.log.keep_unsettled = False
+            session.room.set()
         self._schedule_reap(session)
 
     async def connection_lost(self, conn: Connection) -> None:
@@ -254,9 +428,12 @@ class SessionRegistry:
         if closing:
             await asyncio.gather(*closing, return_exceptions=True)
 
-    def resume(self, conn: Connection, request_id: int | str | None, params: dict[str, Any]) -> list[str]:
+    async def resume(self, conn: Connection, request_id: int | str | None, params: dict[str, Any]) -> list[str]:
         """Re-attach to ``conn``: the response, then (through the normal pump, bounded by the connection's
-        budget) every held event after ``after_seq`` in order, before any live event."""
+        budget) every held event after ``after_seq`` in order, before any live event.  A stored closed
+        session is reopened first."""
+        if params["session_id"] not in self._sessions:
+            await self._reopen(params["session_id"])
         session = self.get(params["session_id"])
         after = max(0, params.get("after_seq", 0))
         if after > session.seq:
@@ -265,7 +442,10 @@ class SessionRegistry:
                                {"param": "after_seq"})
         self._attach(session, conn)
         session.touch()
-        held = session.stream.log.since(after)
+        log = session.stream.log
+        held = log.since(after)
+        if log.persistent:  # older than the cache is on disk, not lost
+            held = type(held)(held.frames, False, after + 1)
         replayed = session.seq - (held.first_seq - 1 if held.truncated else after)
         frames = [rpc.encode_result(request_id, {
             "session_id": session.id, "status": session.status.value, "last_seq": session.seq,
@@ -290,16 +470,18 @@ class SessionRegistry:
             return {"acked_seq": None, "owner": False}
         return {"acked_seq": session.stream.ack(seq), "owner": True}
 
-    def events_since_text(self, request_id: int | str | None, params: dict[str, Any]) -> str:
+    async def events_since_text(self, request_id: int | str | None, params: dict[str, Any]) -> str:
         """The response to ``session.events.since``, built by concatenation: the held events already hold
         their encoded payloads, which are never decoded on the loop.  One page of at most
         ``events_page_max_bytes``; ``more`` says whether to ask again from ``next_after_seq``."""
-        session = self._readable(params["session_id"])
-        after = min(params["after_seq"], session.seq)
+        session_id = params["session_id"]
+        if session_id not in self._sessions and session_id not in self._draining:
+            await self._reopen_for_reading(session_id)
+        session = self._readable(session_id)
+        after = max(0, min(params["after_seq"], session.seq))
         log = session.stream.log
         durable = log.durable_seq
-        page = log.page(after, self.config.events_page_max_events, self.config.events_page_max_bytes) \
-            if isinstance(log, MemoryEventLog) else log.since(after)
+        page = await log.read(after, self.config.events_page_max_events, self.config.events_page_max_bytes)
         frames = page.frames[:max(0, durable - page.first_seq + 1)]
         last = page.first_seq + len(frames) - 1 if frames else max(after, page.first_seq - 1)
         more = last < durable
@@ -308,20 +490,40 @@ class SessionRegistry:
                 '],"last_seq":' + str(durable) + ',"truncated":' + ("true" if page.truncated else "false") +
                 ',"more":' + ("true" if more else "false") + ',"next_after_seq":' + str(last) + "}}")
 
+    async def _reopen_for_reading(self, session_id: str) -> None:
+        """A stored closed session, readable by events.since without reopening it."""
+        if self.store is None:
+            return
+        row = await self.store.get_session(session_id)
+        if row is not None and session_id not in self._sessions:
+            session = self._session_from_row(row)
+            session.turns.closed()
+            self._draining[session_id] = session
+            asyncio.get_running_loop().call_later(_DRAIN_KEEP_S, self._finish_draining, session)
+
     # The event stream ------------------------------------------------------------------------------------
     def _emit(self, session: Session, event_type: str, payload: dict[str, Any]) -> None:
         self._produce(session, event_type, encode_json(payload))
 
     def _produce(self, session: Session, event_type: str, payload_json: bytes) -> None:
-        frame = session.stream.produce(event_type, payload_json)
+        try:
+            frame = session.stream.produce(event_type, payload_json)
+        except StoreError as exc:  # the writer is gone: fail closed, loudly (health says why)
+            logger.error("session %s: event %s not stored: %s", session.id, event_type, exc)
+            raise
         session.touch()
+        if session.owner is None:
+            session.detached_bytes += len(frame)
         self.metrics.events_relayed.inc()
         self.metrics.bytes_relayed.inc(len(frame))
         if event_type == EventType.TURN_START:
             session.turns.turn_started()
+            self._store_update(session, status=session.status.value)
         elif event_type == EventType.TURN_COMPLETE:
             self.metrics.turn_completed(payload_json)
             self._turn_finished(session)
+            if session.live:
+                self._store_update(session, status=session.status.value)
         self._pump(session)
 
     def _pump(self, session: Session) -> None:
@@ -329,14 +531,47 @@ class SessionRegistry:
         owner = session.owner
         if owner is None or not owner.is_open:
             return
+        if session.backfill is not None:
+            return  # the disk reader delivers first, then pumps again
         for item in session.stream.deliver(lambda: owner.has_room):
+            if isinstance(item, OnDisk):
+                session.backfill = asyncio.get_running_loop().create_task(self._backfill(session, owner),
+                                                                         name=f"backfill-{session.id}")
+                return
             if isinstance(item, Gap):
                 owner.send(EventStream.truncation_frame(session.id, item.first_seq))
             else:
                 seq, frame = item
                 owner.send(frame, self._settler(session, owner, seq))
-        if session.status is SessionStatus.CLOSED and not session.stream.pending:
+        if session.status is SessionStatus.CLOSED and not session.stream.undelivered:
             self._finish_draining(session)
+
+    async def _backfill(self, session: Session, owner: Connection) -> None:
+        """Deliver from disk what the cache no longer holds, in bounded pieces, then hand back to the pump."""
+        stream = session.stream
+        try:
+            while session.owner is owner and owner.is_open and stream.log.get(stream.delivered + 1) is None \
+                    and stream.delivered < stream.log.durable_seq:
+                piece = await stream.log.read(stream.delivered, _DISK_PIECE_EVENTS, _DISK_PIECE_BYTES)
+                if session.owner is not owner or not owner.is_open or not piece.frames:
+                    break
+                if piece.truncated:  # retention already deleted them: say so, never a silent gap
+                    owner.send(EventStream.truncation_frame(session.id, piece.first_seq))
+                    stream.delivered = max(stream.delivered, piece.first_seq - 1)
+                for seq, frame in enumerate(piece.frames, piece.first_seq):
+                    if seq <= stream.delivered:
+                        continue
+                    if seq > stream.log.durable_seq:
+                        break
+                    owner.send(frame, self._settler(session, owner, seq))
+                    stream.delivered = seq
+                if not owner.has_room:
+                    await owner.wait_for_room()
+        except StoreError as exc:
+            logger.error("session %s: reading its events from the store failed: %s", session.id, exc)
+        finally:
+            session.backfill = None
+        self._pump(session)
 
     def _settler(self, session: Session, conn: Connection, seq: int) -> Callable[[], None]:
         """What the connection calls once event ``seq`` reached its socket."""
@@ -344,10 +579,21 @@ class SessionRegistry:
         def settled() -> None:
             if session.owner is conn:  # a superseded owner's sends say nothing about the new owner
                 session.stream.settle(seq)
-                if session.stream.reader_has_room:
+                if not session.room.is_set() and self._reader_has_room(session):
                     session.room.set()
 
         return settled
+
+    def _reader_has_room(self, session: Session) -> bool:
+        """Whether the worker's pipe may be read now.  Attached: while the owner's unsettled events are
+        bounded.  Detached with a store: while the turn's output since the detach is under the quota.
+        With a store, always while the writer is not too far behind."""
+        store = self.store
+        if store is not None and store.pending_bytes > _STORE_PENDING_MAX:
+            return False
+        if store is not None and session.owner is None:
+            return session.detached_bytes < self.config.detached_quota_bytes
+        return session.stream.reader_has_room
 
     async def _read_worker(self, session: Session, worker: Worker) -> None:
         corrupt: str | None = None
@@ -358,6 +604,8 @@ class SessionRegistry:
                 if frame.kind is not Kind.EVENT:
                     if frame.kind is Kind.CONTROL and frame.name == Op.STATE:
                         session.agent_state = _state_of(frame.body)
+                        if self.store is not None and session.agent_state is not None:
+                            self.store.put_state(session.id, session.seq, session.agent_state)
                     continue
                 since_yield += len(frame.body)
                 if since_yield >= _YIELD_EVERY_BYTES:
@@ -365,7 +613,7 @@ class SessionRegistry:
                     # pings a turn instead of relaying a whole backlog in one go.
                     since_yield = 0
                     await asyncio.sleep(0)
-                while not session.stream.reader_has_room and slot.is_current(worker):
+                while not self._reader_has_room(session) and slot.is_current(worker):
                     session.room.clear()
                     if session.blocked_since is None:
                         session.blocked_since = time.monotonic()
@@ -461,6 +709,7 @@ class SessionRegistry:
                 await self._replace_worker(session, worker, turn_id)
             elif not ended.done():
                 await asyncio.wait([asyncio.shield(ended)], timeout=self.config.kill_grace_s + 5.0)
+        await self._until_delivered(session)
         return {"status": "interrupted"}
 
     async def _replace_worker(self, session: Session, worker: Worker, turn_id: str) -> None:
@@ -564,19 +813,24 @@ class SessionRegistry:
             self._emit_exit(session, results[0], expected=True)
         self._emit(session, EventType.SESSION_CLOSED, {"reason": str(reason)})
         session.turns.closed()
+        await self._until_delivered(session)  # still in _sessions: the store's commit reaches it
         self._sessions.pop(session.id, None)
-        if session.owner is not None and session.owner.is_open and session.stream.pending:
+        if session.owner is not None and session.owner.is_open and session.stream.undelivered:
             # The owner is behind: keep the session until its last events (session.closed included)
             # reach it, or it leaves.  events.since can read them meanwhile.
             self._draining[session.id] = session
             asyncio.get_running_loop().call_later(_DRAIN_KEEP_S, self._finish_draining, session)
         else:
             self._disown(session)
-        summary = session.summary()
-        del summary["attached"]
-        self._closed[session.id] = {**summary, "closed_reason": str(reason)}
-        while len(self._closed) > _CLOSED_KEPT:
-            self._closed.popitem(last=False)
+        if self.store is not None:
+            self._store_update(session, status=SessionStatus.CLOSED.value, closed_reason=str(reason))
+        elif reason != CloseReason.DELETED:
+            summary = session.summary()
+            del summary["attached"]
+            self._closed[session.id] = {**summary, "status": SessionStatus.CLOSED.value,
+                                        "closed_reason": str(reason)}
+            while len(self._closed) > _CLOSED_KEPT:
+                self._closed.popitem(last=False)
         self.metrics.reaps.labels(reason=str(reason)).inc()
         self.metrics.teardown.observe(time.monotonic() - started)
         return {"closed": True}

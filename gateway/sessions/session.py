@@ -86,8 +86,12 @@ class Session:
         self.blocked_since: float | None = None  # monotonic: the reader waits for room since
         self.slash: SlashRunner | None = None
         self.agent_state: bytes | None = None  # the agent's last snapshot (encoded JSON)
+        self.restored = False  # came back from the store: its saved state is read before the next worker
+        self.detached_bytes = 0  # event bytes produced since the owner left (the store's detached quota)
+        self.backfill: asyncio.Task[None] | None = None  # delivering from disk what the cache forgot
         self.room = asyncio.Event()
         self.room.set()
+        self.durable = asyncio.Event()  # set when the store reports a commit of this session's events
         self.turn_ended: dict[str, asyncio.Future[str]] = {}
         self.reap_timer: asyncio.TimerHandle | None = None
         self.teardown: asyncio.Task[dict[str, Any]] | None = None

@@ -23,6 +23,11 @@ class Gap:
     first_seq: int
 
 
+@dataclass(frozen=True)
+class OnDisk:
+    """The events after ``delivered`` are on disk only: the registry reads them before going on."""
+
+
 class EventStream:
     def __init__(self, session_id: str, log: EventLog, *, reader_max_events: int, reader_max_bytes: int,
                  seq: int = 0) -> None:
@@ -45,12 +50,20 @@ class EventStream:
         """Durable events the owner has not been given yet."""
         return self.delivered < self.log.durable_seq
 
-    def deliver(self, has_room: Callable[[], bool]) -> Iterator[tuple[int, str] | Gap]:
+    @property
+    def undelivered(self) -> bool:
+        """Events (durable or not yet) the owner has not been given."""
+        return self.delivered < self.seq
+
+    def deliver(self, has_room: Callable[[], bool]) -> Iterator[tuple[int, str] | Gap | OnDisk]:
         """Frames for the owner, in order, while ``has_room()``; advances :attr:`delivered` as it goes."""
         durable = self.log.durable_seq
         while self.delivered < durable and has_room():
             seq = self.delivered + 1
             frame = self.log.get(seq)
+            if frame is None and self.log.persistent:
+                yield OnDisk()
+                return
             if frame is None:  # no longer held: say so instead of leaving a silent gap
                 first = self.log.since(seq).first_seq
                 self.delivered = first - 1

@@ -9,6 +9,7 @@ the old writer is still committing to.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from gateway.store.errors import StoreError, StoreLocked
@@ -30,8 +31,37 @@ def prepare_state_dir(state_dir: Path) -> Path:
     return state_dir.resolve()
 
 
-def acquire_lock(state_dir: Path) -> int:
-    """Lock ``state_dir`` for this process; returns the lock file's fd (close it to release)."""
+def acquire_lock(state_dir: Path, orphan_wait_s: float = 5.0) -> int:
+    """Lock ``state_dir`` for this process; returns the lock file's fd (close it to release).
+
+    When the recorded holder is dead but the lock is still held, its writer process is committing what it
+    had before it exits (it inherited the lock): wait up to ``orphan_wait_s`` for it, so a gateway
+    restarted right after a crash gets its state dir back."""
+    deadline = time.monotonic() + orphan_wait_s
+    while True:
+        try:
+            return _try_lock(state_dir)
+        except StoreLocked as exc:
+            if exc.holder_pid is None or _alive(exc.holder_pid) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed gateway that its parent has not reaped yet is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _try_lock(state_dir: Path) -> int:
     path = state_dir / LOCK_NAME
     if fcntl is None:
         raise StoreError("the session store needs a POSIX system (flock); start with --no-state")

@@ -24,6 +24,9 @@ class Slice:
 class EventLog(Protocol):
     """One session's events.  Single-threaded: called on the event loop only."""
 
+    #: True when what the memory cache forgets is still on disk (then :meth:`read` fetches it).
+    persistent: bool
+
     @property
     def last_seq(self) -> int: ...
 
@@ -54,6 +57,10 @@ class EventLog(Protocol):
 
     def ack(self, through_seq: int) -> None:
         """The client proved it has events up to ``through_seq`` (``session.ack`` or a resume's after_seq)."""
+        ...
+
+    def page(self, after_seq: int, max_events: int, max_bytes: int) -> Slice:
+        """Like :meth:`since`, bounded (always at least one event when any is held)."""
         ...
 
     def since(self, after_seq: int) -> Slice:

@@ -23,6 +23,9 @@ __all__ = ["MemoryEventLog", "ReplayBuffer", "Slice"]
 
 
 class MemoryEventLog:
+    #: Whether events it forgets are still on disk (then it is only a cache, see :mod:`gateway.store.durable`).
+    persistent = False
+
     def __init__(self, max_events: int, max_bytes: int, first_seq: int = 1) -> None:
         self.max_events = max_events
         self.max_bytes = max_bytes
