@@ -20,10 +20,12 @@ work (50 ms, or one regex call) and every chunk.
 Precision of ``cpu_s`` (thread CPU time of the turn): ``python`` slices stop on the clock, so a turn
 lands within a few ms of it.  ``regex`` calls cannot be stopped once started, so each is sized in advance:
 a call aims at 1.5 s while more than 3 s are left, then at half of what is left (all of it below 10 ms).
-A call lands between ~0.7x and ~1.7x of its aim (the sizes are 1.38x apart, and the per-path cost drifts
-up to ~1.7x between calls on a loaded machine), so a turn spends ``cpu_s`` to ``cpu_s + 10 ms``; it
+A call costs at most ~1.7x its aim (the per-path cost drifts up to ~1.7x between calls on a loaded
+machine) and usually 0.5x-1x (sizes are 1.38x apart and the estimate errs short; short calls are made up
+by more calls), so a turn spends ``cpu_s`` to ``cpu_s + 10 ms``; it
 overshoots more only if one call runs over 2x its aim, and no call can cost more than ~2.6x the largest
-call measured before it.  tests/test_agents.py checks ``1.25 * cpu_s + 0.1 s`` over many turns.
+call measured before it.  tests/test_load_regex_budget.py checks ``1.25 * cpu_s + 0.1 s`` over many
+turns in fresh workers.
 """
 
 from __future__ import annotations
@@ -326,9 +328,9 @@ _sizer = BacktrackSizer()
 def _backtrack(aim_s: float) -> None:
     """One regex call (more while uncalibrated) of at most about ``aim_s`` CPU seconds, holding the GIL.
 
-    Precision: a calibrated call costs between ~1/1.4 of its aim (the sizes are 1.38x apart) and ~1.7x
-    (the per-path cost drifts that much from one call to the next under load); while calibrating, calls
-    start at 20 characters (~70 µs) and grow by at most 3 characters a call.
+    Precision: a calibrated call costs at most ~1.7x its aim (the per-path cost drifts that much from one
+    call to the next under load), usually 0.5x-1x; while calibrating, calls start at 20 characters
+    (~70 µs) and grow by at most 3 characters a call.
     """
     while True:
         n = _sizer.size_for(aim_s)
