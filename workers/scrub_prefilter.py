@@ -67,7 +67,10 @@ class HyperscanPrefilter:
 
         # UTF-8 bytes: an ASCII hint occurs in them exactly where it occurs in the text (multi-byte
         # sequences never contain ASCII bytes); surrogatepass keeps lone surrogates scannable.
-        self._db.scan(text.encode("utf-8", "surrogatepass"), match_event_handler=on_match, scratch=scratch)
+        try:
+            self._db.scan(text.encode("utf-8", "surrogatepass"), match_event_handler=on_match, scratch=scratch)
+        except self._hs.HyperscanError:  # e.g. out of memory for scratch: run every rule rather than fail
+            return None
         return frozenset(found)
 
 
