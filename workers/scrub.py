@@ -103,13 +103,14 @@ class Scrubber:
 
     def scrub(self, text: str) -> tuple[str, int]:
         """Return ``(text with secrets replaced by [REDACTED], number of redactions)``."""
-        return _join(self.pieces(text))
+        return _join(self._pieces(text))
 
     def scrub_chunks(self, text: str, max_bytes: int = MAX_CHUNK_BYTES) -> Iterator[tuple[str, int]]:
         """See the module function :func:`scrub_chunks`."""
-        return _chunks(self.pieces(text), max_bytes)
+        _check_chunk_size(max_bytes)
+        return _cut(self._pieces(text), max_bytes)
 
-    def pieces(self, text: str) -> list[_Piece]:
+    def _pieces(self, text: str) -> list[_Piece]:
         """``text`` cut into plain pieces and redaction markers."""
         found = self._prefilter.candidates(text)
         pieces: list[_Piece] = _pem_pieces(text) if found is None or 0 in found else [text]
@@ -162,10 +163,9 @@ def scrub_chunks(text: str, max_bytes: int = MAX_CHUNK_BYTES) -> Iterator[tuple[
     return _default.scrub_chunks(text, max_bytes)
 
 
-def _chunks(pieces: list[_Piece], max_bytes: int) -> Iterator[tuple[str, int]]:
+def _check_chunk_size(max_bytes: int) -> None:
     if max_bytes < len(REDACTED.encode()) + 4:
         raise ValueError(f"max_bytes must be at least {len(REDACTED) + 4}")
-    return _cut(pieces, max_bytes)
 
 
 def _cut(pieces: list[_Piece], max_bytes: int) -> Iterator[tuple[str, int]]:
