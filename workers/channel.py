@@ -26,6 +26,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from workers.encoding import encode_json  # re-exported: the one encoding of payloads and control bodies
+
 _HEADER = struct.Struct(">IBB")
 HEADER_SIZE = _HEADER.size  # 6
 #: Largest frame accepted: a 64 KiB chunk of text can grow 6x when JSON escapes control characters.
@@ -63,12 +65,8 @@ def encode_frame(kind: Kind, name: str, body: bytes = b"") -> bytes:
     return _HEADER.pack(length, int(kind), len(raw_name)) + raw_name + body
 
 
-def encode_json(obj: Any) -> bytes:
-    """Compact JSON bytes, the one encoding used for payloads and control bodies."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
 def event_frame(event_type: str, payload: Any) -> bytes:
+    """An EVENT frame: the payload encoded once, here in the worker, never again on the gateway's loop."""
     return encode_frame(Kind.EVENT, event_type, encode_json(payload))
 
 

@@ -6,7 +6,7 @@ The prompt is space-separated ``key=value`` pairs, all optional:
 ``cpu_s``      float >= 0 (default 0): seconds of CPU (thread CPU time) spent by the turn
 ``gil``        ``python`` (default: a pure-Python loop, which lets other threads in every few ms) or
                ``regex`` (single ``re`` calls with catastrophic backtracking, each holding the GIL for
-               ~1-2 s, calibrated on first use)
+               up to ~1.5 s, sized from the measured cost of the calls before it)
 ``output_mb``  float >= 0 (default 0): MiB of ``tool.output`` text
 ``chunk_kb``   int 1..64 (default 64): KiB of text per output event
 ``subagents``  int >= 0 (default 0): nested subagents sharing the CPU and output budget, each emitting
@@ -16,6 +16,16 @@ The prompt is space-separated ``key=value`` pairs, all optional:
 
 CPU work and output are interleaved in proportion; cancellation is checked between every slice of CPU
 work (50 ms, or one regex call) and every chunk.
+
+Precision of ``cpu_s`` (thread CPU time of the turn): ``python`` slices stop on the clock, so a turn
+lands within a few ms of it.  ``regex`` calls cannot be stopped once started, so each is sized in advance:
+a call aims at 1.5 s while more than 3 s are left, then at half of what is left (all of it below 10 ms).
+A call costs at most ~1.7x its aim (the per-path cost drifts up to ~1.7x between calls on a loaded
+machine) and usually 0.5x-1x (sizes are 1.38x apart and the estimate errs short; short calls are made up
+by more calls), so a turn spends ``cpu_s`` to ``cpu_s + 10 ms``; it
+overshoots more only if one call runs over 2x its aim, and no call can cost more than ~2.6x the largest
+call measured before it.  tests/test_load_regex_budget.py checks ``1.25 * cpu_s + 0.1 s`` over many
+turns in fresh workers.
 """
 
 from __future__ import annotations
@@ -235,7 +245,7 @@ def _burn(gil: str, budget_s: float) -> float:
     """Spend up to one slice of CPU; return the thread CPU seconds actually spent."""
     start = time.thread_time()
     if gil == "regex":
-        _backtrack(min(budget_s, _REGEX_CALL_S))
+        _backtrack(_regex_aim(budget_s))
     else:
         end = start + min(budget_s, _PYTHON_SLICE_S)
         x = 1
@@ -245,31 +255,89 @@ def _burn(gil: str, budget_s: float) -> float:
     return time.thread_time() - start
 
 
-# (?:a|aaaa)+$ against "a"*n + "!" explores ~1.38**n paths inside one C call that never releases the GIL
-# (a small growth per character lets the calibration size each call finely).
+def _regex_aim(budget_left_s: float) -> float:
+    """The CPU one regex call aims at: a full ``_REGEX_CALL_S`` while plenty is left, then half of what is
+    left, so a call that runs up to 2x long still does not overshoot the turn's budget."""
+    if budget_left_s <= 2 * _REGEX_CALL_S:
+        return budget_left_s / 2 if budget_left_s > _TAIL_S else budget_left_s
+    return _REGEX_CALL_S
+
+
+# (?:a|aaaa)+$ against "a"*n + "!" fails after trying every way to cut a prefix of the a's into pieces of
+# 1 and 4, inside one C call that never releases the GIL.  That count is exact arithmetic (paths(n) below,
+# growing ~1.3803x per character), so the cost model is ``seconds = k * paths(n)`` and only ``k`` (the
+# cost of one path on this machine, which drifts ~1.7x with load) is measured, on every call.
 _BACKTRACK = re.compile(r"(?:a|aaaa)+$")
-_calibration: tuple[int, float, float] | None = None  # (n, seconds at n, growth per +1)
+_MAX_N = 90
+_TAIL_S = 0.01          # below this, aim at all that is left (halving further only adds calls)
+_CALIBRATE_S = 0.001    # the first calls grow until one takes this long, to measure k
+_RAMP_CHARS = 3         # never go more than 3 characters (~2.6x paths) past the largest size measured
+_K_WINDOW = 4           # k is the largest of the last 4 measurements: errs towards shorter calls
 
 
-def _backtrack(target_s: float) -> None:
-    """One regex call lasting about ``target_s`` seconds (within ~30%), holding the GIL throughout."""
-    global _calibration
-    n0, t0, growth = _calibrate()
-    n = max(1, min(80, n0 + round(math.log(max(target_s, 1e-4) / t0) / math.log(growth))))
-    took = _time_backtrack(n)
-    if took > 0.05:  # re-anchor on the latest measurement: growth per step drifts with the size
-        _calibration = (n, took, growth)
+def backtrack_paths(n: int) -> int:
+    """Paths the regex explores on ``"a" * n + "!"``: sum over prefixes i <= n of the ways to write i as an
+    ordered sum of 1s and 4s (each way is a state the matcher reaches, then fails ``$`` or moves on)."""
+    ways = [1] + [0] * n
+    for i in range(1, n + 1):
+        ways[i] = ways[i - 1] + (ways[i - 4] if i >= 4 else 0)
+    return sum(ways)
 
 
-def _calibrate() -> tuple[int, float, float]:
-    global _calibration
-    if _calibration is None:
-        n = 16
-        while (t := _time_backtrack(n)) < 0.005 and n < 60:
-            n += 2
-        t2 = _time_backtrack(n + 3)
-        _calibration = (n + 3, t2, max(1.2, (t2 / t) ** (1 / 3)))
-    return _calibration
+_PATHS = tuple(backtrack_paths(n) for n in range(_MAX_N + 1))
+
+
+class BacktrackSizer:
+    """Pure core of the regex mode: picks the subject length of the next call from measured calls.
+
+    The growth per character is known exactly, so one measurement of ``k`` at any size predicts every other
+    size; the prediction can only be as wrong as ``k`` drifts between two calls.  Two caps keep a wrong
+    ``k`` from running away: the size never exceeds the largest measured size by more than
+    ``_RAMP_CHARS``, and ``k`` is the largest recent measurement, so calls err short, never long.
+    """
+
+    def __init__(self) -> None:
+        self._ks: list[float] = []
+        self._largest_measured = 0
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self._ks)
+
+    def observe(self, n: int, seconds: float) -> None:
+        """Record one call's CPU time; calls too short to time reliably only move the ramp."""
+        self._largest_measured = max(self._largest_measured, n)
+        if seconds >= _CALIBRATE_S:
+            self._ks = (self._ks + [seconds / _PATHS[n]])[-_K_WINDOW:]
+
+    def size_for(self, aim_s: float) -> int:
+        """The largest size predicted to cost at most ``aim_s`` (at least 1, at most the ramp)."""
+        limit = min(_MAX_N, self._largest_measured + _RAMP_CHARS) if self._largest_measured else 20
+        if not self._ks:
+            return max(1, limit)
+        k = max(self._ks)
+        n = 1
+        while n < limit and k * _PATHS[n + 1] <= aim_s:
+            n += 1
+        return n
+
+
+_sizer = BacktrackSizer()
+
+
+def _backtrack(aim_s: float) -> None:
+    """One regex call (more while uncalibrated) of at most about ``aim_s`` CPU seconds, holding the GIL.
+
+    Precision: a calibrated call costs at most ~1.7x its aim (the per-path cost drifts that much from one
+    call to the next under load), usually 0.5x-1x; while calibrating, calls start at 20 characters
+    (~70 µs) and grow by at most 3 characters a call.
+    """
+    while True:
+        n = _sizer.size_for(aim_s)
+        took = _time_backtrack(n)
+        _sizer.observe(n, took)
+        if _sizer.calibrated or took >= aim_s:
+            return
 
 
 def _time_backtrack(n: int) -> float:
