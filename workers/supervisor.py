@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -241,7 +241,7 @@ class Supervisor:
 
     def __init__(self, *, pool_size: int = 2, kill_grace_s: float = 2.0, nice: int = 5,
                  start_timeout_s: float = 30.0, watchdog_poll_s: float = 0.5,
-                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES) -> None:
+                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES, scrub_secrets: Sequence[str] = ()) -> None:
         if pool_size < 0 or kill_grace_s <= 0 or start_timeout_s <= 0 or watchdog_poll_s <= 0:
             raise ValueError("pool_size must be >= 0 and the durations positive")
         self._pool_size = pool_size
@@ -250,6 +250,9 @@ class Supervisor:
         self._start_timeout_s = start_timeout_s
         self._watchdog_poll_s = watchdog_poll_s
         self._max_queued_bytes = max_queued_bytes
+        #: Literal secrets every worker's scrubber redacts (the gateway's token): sent over the init pipe,
+        #: never through the environment or argv, where other processes could read them.
+        self._scrub_secrets = list(scrub_secrets)
         self._gateway_pid = 0  # set by start(): the process whose death the workers watch
         self._state = _State.NEW
         self._pool: deque[WorkerHandle] = deque()
@@ -265,7 +268,8 @@ class Supervisor:
     @classmethod
     def from_config(cls, config: Any) -> Supervisor:
         return cls(pool_size=config.pool_size, kill_grace_s=config.kill_grace_s, nice=config.worker_nice,
-                   start_timeout_s=config.worker_start_timeout_s, watchdog_poll_s=config.watchdog_poll_s)
+                   start_timeout_s=config.worker_start_timeout_s, watchdog_poll_s=config.watchdog_poll_s,
+                   scrub_secrets=[config.token] if getattr(config, "token", None) else [])
 
     @property
     def live_workers(self) -> int:
@@ -321,7 +325,7 @@ class Supervisor:
         handle.agent = agent
         try:
             init: dict[str, Any] = {"agent": agent, "options": options, "cwd": cwd, "session_id": session_id,
-                                    "sys_path": _import_path()}
+                                    "sys_path": _import_path(), "scrub_secrets": self._scrub_secrets}
             if state is not None:  # the agent's last snapshot, restored before start() (docs/agents.md)
                 init["state"] = json.loads(state)
             handle.send("init", init)

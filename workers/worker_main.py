@@ -24,6 +24,7 @@ from typing import Any
 from workers.agents.base import TurnCancelled, TurnHandle, TurnResult
 from workers.agents.registry import AgentLoadError, UnknownAgent, load_factory
 from workers.channel import BlockingChannel, ChannelError, Frame, Kind
+from workers.scrub import set_extra_secrets
 from workers.watchdog import start_watchdog
 
 logger = logging.getLogger("worker_gateway.worker")
@@ -91,6 +92,7 @@ def _start_agent(body: dict[str, Any]) -> tuple[Any, str]:
         raise _InitError(INIT_UNKNOWN_AGENT, "init without an agent name")
     if not isinstance(options, dict):
         raise _InitError(INIT_FAILED, "agent options must be an object")
+    set_extra_secrets(s for s in body.get("scrub_secrets") or () if isinstance(s, str))
     for entry in body.get("sys_path") or ():
         if isinstance(entry, str) and entry not in sys.path:
             sys.path.append(entry)
