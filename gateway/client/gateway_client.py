@@ -333,6 +333,9 @@ class GatewayClient:
             stream = self._streams.get(params["session_id"])
             if stream is not None:
                 stream.owned = True
+                after = params.get("after_seq")
+                if isinstance(after, int) and not isinstance(after, bool):
+                    self._acks.resumed(stream.session_id, after)
         elif method == Method.SESSION_CLOSE:
             stream = self._streams.get(params["session_id"])
             if stream is not None:
