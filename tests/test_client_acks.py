@@ -9,7 +9,6 @@ sent.  The real gateway is covered by ``tests/test_resume_small_events.py``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator

@@ -132,7 +132,7 @@ class ReplayTruncated(GatewayError):
 
 
 _ERRORS_BY_CODE: dict[int, type[GatewayError]] = {
-    int(cls.code): cls  # type: ignore[arg-type]
+    int(cls.code or 0): cls
     for cls in (ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, SessionNotFound,
                 UnknownAgent, Busy, NotSupported, LimitReached, WorkerStartFailed, WorkerDied, StoreUnavailable)
 }

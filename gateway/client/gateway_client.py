@@ -629,9 +629,9 @@ class GatewayClient:
         timeout = max(0.1, min(self.call_timeout, deadline - time.monotonic()))
         results = await asyncio.gather(*(
             self._request_on(ws, Method.SESSION_RESUME, {"session_id": s.session_id, "after_seq": after}, timeout)
-            for s, after in zip(streams, after_seqs)), return_exceptions=True)
+            for s, after in zip(streams, after_seqs, strict=True)), return_exceptions=True)
         retry: BaseException | None = None
-        for stream, after, result in zip(streams, after_seqs, results):
+        for stream, after, result in zip(streams, after_seqs, results, strict=True):
             if isinstance(result, (ConnectionLost, CallTimeout, LimitReached)):  # LimitReached: the rate limit
                 retry = result
             elif isinstance(result, GatewayError):

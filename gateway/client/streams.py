@@ -48,10 +48,11 @@ class SessionEvents:
             self._on_processed(stream, item.first_seq - 1)  # nothing before first_seq can come any more
         if isinstance(item, BaseException):
             raise item  # a terminal error is followed by the end marker, which ends the next __anext__
-        seq = item.get("seq")
+        event: dict[str, Any] = item
+        seq = event.get("seq")
         if isinstance(seq, int):
             self._on_processed(stream, seq)
-        return item
+        return event
 
     async def next(self, timeout: float | None = None) -> dict[str, Any]:
         """The next event, waiting at most ``timeout`` seconds (``asyncio.TimeoutError`` otherwise)."""

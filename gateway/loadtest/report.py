@@ -27,15 +27,15 @@ def build_report(state: RunState, metrics_before: str | None, metrics_after: str
     lag = histogram_delta(parse_histogram(metrics_before or "", "wg_loop_lag_seconds"),
                           parse_histogram(metrics_after or "", "wg_loop_lag_seconds"))
     lag_p50, lag_p99 = histogram_quantile(lag, 0.5), histogram_quantile(lag, 0.99)
-    health_lag = [h.get("loop_lag_ms") for h in state.health if isinstance(h.get("loop_lag_ms"), (int, float))]
-    health_workers = [h.get("workers") for h in state.health if isinstance(h.get("workers"), int)]
+    health_lag = [float(h["loop_lag_ms"]) for h in state.health if isinstance(h.get("loop_lag_ms"), (int, float))]
+    health_workers = [int(h["workers"]) for h in state.health if isinstance(h.get("workers"), int)]
     drops = sum(c.stats.drops for c in state.clients)
     forced = sum(c.stats.forced_drops for c in state.clients)
     failed = sum(s.turns_failed for s in sessions)
     lost = sum(s.lost for s in sessions)
     # Losses can only be ruled out for a session whose stream reached session.closed (its last seq).
     unverified = sum(1 for s in sessions if s.final_seq is None)
-    report = {
+    report: dict[str, Any] = {
         "ok": lost == 0 and failed == 0 and unverified == 0,
         "config": {k: v for k, v in vars(args).items() if k not in ("token",)},
         "prompt": state.prompt,
