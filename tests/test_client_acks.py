@@ -178,7 +178,8 @@ async def test_an_older_gateway_gets_one_ack_and_then_none(old_peer: Peer) -> No
         await client.create_session()
         assert await take(client, 1000) == list(range(1, 1001))  # the stream is untouched by the refusal
         await async_wait_for(lambda: client.ack_support is AckSupport.UNSUPPORTED, 5, what="ack turned off")
-        assert [p["seq"] for p in old_peer.calls(Method.SESSION_ACK)] == [256]
+        acks = old_peer.calls(Method.SESSION_ACK)
+        assert len(acks) == 1 and 0 < acks[0]["seq"] <= 1000, acks  # one try, then silence
         assert client.stats.acks == 0
 
 
@@ -189,8 +190,10 @@ async def test_a_newer_gateway_is_acked_up_to_the_last_processed_event(new_peer:
         await async_wait_for(lambda: any(p["seq"] == 1000 for p in new_peer.calls(Method.SESSION_ACK)), 5,
                              what="the tail acked by time")
         acked = [p["seq"] for p in new_peer.calls(Method.SESSION_ACK)]
-        assert acked == sorted(set(acked)) and acked[0] >= 256
-        assert client.ack_support is AckSupport.SUPPORTED and client.stats.acks == len(acked)
+        assert acked == sorted(set(acked)) and acked[-1] == 1000 and len(acked) <= 1000 // 256 + 2
+        # The peer records a request before the client has read its answer: wait for the answers.
+        await async_wait_for(lambda: client.stats.acks == len(acked), 5, what="every ack answered")
+        assert client.ack_support is AckSupport.SUPPORTED
 
 
 async def test_acks_never_exceed_what_the_caller_took(new_peer: Peer) -> None:
