@@ -313,13 +313,14 @@ class GatewayClient:
             # higher one skips events on purpose: that is the caller's choice, not a gap to report.
             after = params.setdefault("after_seq", existing.processed_seq)
             if isinstance(after, int) and not isinstance(after, bool) and after > existing.last_seq:
-                existing.last_seq = after
+                existing.last_seq = existing.processed_seq = after
             return None
         if existing is not None:
             self._streams.pop(session_id)
         stream = self._stream(session_id)
         after = params.get("after_seq", 0)
         stream.last_seq = after if isinstance(after, int) and not isinstance(after, bool) and after > 0 else 0
+        stream.processed_seq = stream.last_seq  # what the caller skipped counts as taken
         return stream
 
     def _after_result(self, method: str, params: dict[str, Any], result: dict[str, Any]) -> None:
