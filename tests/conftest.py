@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import hypothesis  # noqa: F401  imported up front: the hypothesis plugin imports it lazily in pytest's
 #                  summary, which after some failures trips a CPython 3.11 AST bug and hides the report
@@ -25,7 +25,7 @@ import psutil
 import pytest
 import websockets
 
-from gateway.client.spawn import SpawnedGateway
+from gateway.client.spawn import DEFAULT_GATEWAY_ARGS, SpawnedGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-123"
@@ -90,8 +90,9 @@ class GatewayProcess(SpawnedGateway):
     """A gateway started as a subprocess (the shared ``gateway.client.spawn`` helper) with the tests'
     token; ``start`` returns once its ready line was read, ``stop`` also proves nothing it started survives."""
 
-    def __init__(self, *args: str, token: str | None = TOKEN, env: dict[str, str] | None = None) -> None:
-        super().__init__(*args, token=token, env=env, cwd=ROOT, name="the test gateway")
+    def __init__(self, *args: str, token: str | None = TOKEN, env: dict[str, str] | None = None,
+                 defaults: Sequence[str] = DEFAULT_GATEWAY_ARGS) -> None:
+        super().__init__(*args, token=token, env=env, cwd=ROOT, name="the test gateway", defaults=defaults)
         self.env = env or {}
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:

@@ -29,6 +29,7 @@ from gateway.wire import READY_LINE_PREFIX
 #: Arguments every gateway the project spawns for its own purposes gets, before the caller's.  Issue 14
 #: (the durable store) adds ``"--no-state"`` here once ``serve`` has the flag, so that no test, benchmark
 #: or ``loadtest --spawn`` ever contends with a user's running gateway for the default state dir's lock.
+#: A caller that needs other defaults (a store test with its own ``--state-dir``) passes ``defaults=()``.
 DEFAULT_GATEWAY_ARGS: tuple[str, ...] = ()
 
 #: The directory that holds the ``gateway`` package: put on the child's PYTHONPATH so ``-m gateway`` is
@@ -59,12 +60,13 @@ def child_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, st
     return env
 
 
-def gateway_command(*args: str, token: str | None = None, python: str = sys.executable) -> list[str]:
-    """``python -m gateway serve --port 0`` with the defaults above, the token and ``args``.
+def gateway_command(*args: str, token: str | None = None, python: str = sys.executable,
+                    defaults: Sequence[str] = DEFAULT_GATEWAY_ARGS) -> list[str]:
+    """``python -m gateway serve --port 0`` with ``defaults``, the token and ``args``.
 
     ``--token=T``, not ``--token T``: a token may start with ``-`` and would be read as a flag.
     """
-    command = [python, "-m", "gateway", "serve", "--port", "0", *DEFAULT_GATEWAY_ARGS]
+    command = [python, "-m", "gateway", "serve", "--port", "0", *defaults]
     if token:
         command.append(f"--token={token}")
     return command + list(args)
@@ -212,16 +214,19 @@ class SpawnedGateway(ReadyLineProcess):
     :param args: extra ``serve`` arguments (after :data:`DEFAULT_GATEWAY_ARGS`).
     :param token: passed as ``--token=T``; ``None`` lets the gateway generate one (or read its env).
     :param env: environment overrides for the gateway (``None`` values remove a variable).
+    :param defaults: arguments before ``args`` (:data:`DEFAULT_GATEWAY_ARGS` unless given).
     """
 
     def __init__(self, *args: str, token: str | None = None, env: Mapping[str, str | None] | None = None,
-                 cwd: str | Path | None = None, name: str = "the spawned gateway") -> None:
+                 cwd: str | Path | None = None, name: str = "the spawned gateway",
+                 defaults: Sequence[str] = DEFAULT_GATEWAY_ARGS) -> None:
         super().__init__([], ready_prefix=READY_LINE_PREFIX, name=name, env=env, cwd=cwd)
         self.args = list(args)
         self.token = token
+        self.defaults = tuple(defaults)
 
     def command(self) -> list[str]:
-        return gateway_command(*self.args, token=self.token)
+        return gateway_command(*self.args, token=self.token, defaults=self.defaults)
 
     def start(self, timeout: float = 30.0) -> SpawnedGateway:
         super().start(timeout)
