@@ -9,11 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import selectors
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,28 +19,28 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.client.spawn import ReadyLineProcess, SpawnError, gateway_command
+from gateway.wire import READY_LINE_PREFIX
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-token"
 PING = ("2", "2")  # protocol keepalive, seconds: interval and timeout, on both sides
 
 
-class ServerProcess:
-    """A server subprocess that prints ``<READY_PREFIX> port=N`` on stdout once it accepts connections."""
+class ServerProcess(ReadyLineProcess):
+    """A server subprocess that prints ``<READY_PREFIX> port=N`` on stdout once it accepts connections
+    (the shared spawn helper, ``gateway.client.spawn``), plus the benchmarks' HTTP helpers."""
 
     def __init__(self, argv: list[str], ready_prefix: str, name: str) -> None:
-        self.argv = argv
-        self.ready_prefix = ready_prefix
-        self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(argv, ready_prefix=ready_prefix, name=name, cwd=ROOT)
         self.port = 0
-        self._stderr = tempfile.TemporaryFile()
 
     @classmethod
     def gateway(cls, *extra: str, ping: bool = True) -> ServerProcess:
-        argv = [sys.executable, "-m", "gateway", "serve", "--port", "0", "--token", TOKEN, "--log-level", "warning"]
+        argv = gateway_command("--log-level", "warning", token=TOKEN)
         if ping:
             argv += ["--ws-ping-interval", PING[0], "--ws-ping-timeout", PING[1]]
-        return cls(argv + list(extra), "WORKER_GATEWAY_READY", "worker-gateway")
+        return cls(argv + list(extra), READY_LINE_PREFIX, "worker-gateway")
 
     @classmethod
     def baseline(cls, *extra: str) -> ServerProcess:
@@ -53,20 +49,11 @@ class ServerProcess:
         return cls(argv + list(extra), "BASELINE_READY", "in-process baseline")
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     stdin=subprocess.DEVNULL, env=env)
-        line = _read_line(self.proc, timeout)
-        if not line.startswith(self.ready_prefix + " port="):
-            self.kill()
-            raise RuntimeError(f"{self.name} did not start: {line!r}\n{self.stderr()[-3000:]}")
-        self.port = int(line.split()[1].split("=", 1)[1])
+        try:
+            super().start(timeout)
+        except SpawnError as exc:
+            raise RuntimeError(f"{self.name} did not start: {exc}") from None
         return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
 
     def ws_url(self, path: str = "/ws") -> str:
         return f"ws://127.0.0.1:{self.port}{path}?token={TOKEN}"
@@ -74,22 +61,13 @@ class ServerProcess:
     def http_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def stderr(self) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
-
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float = 20.0) -> None:  # type: ignore[override]
         """SIGTERM (the gateway's graceful shutdown ends every worker group), SIGKILL if it hangs; then
         make sure no process it started outlives it."""
         if self.proc is None:
             return
         started = descendants(self.proc.pid)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        super().stop(grace=timeout)
         leftover = _wait_gone(started, 5.0)
         for p in leftover:  # only processes this server started
             with contextlib.suppress(psutil.Error):
@@ -97,16 +75,8 @@ class ServerProcess:
         if leftover:
             print(f"warning: {len(leftover)} process(es) outlived {self.name}", file=sys.stderr)
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
     def __enter__(self) -> ServerProcess:
         return self.start() if self.proc is None else self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     # HTTP ----------------------------------------------------------------------------------------------------
     def get(self, path: str, timeout: float = 60.0) -> str:
@@ -132,28 +102,6 @@ class ServerProcess:
                     key = s.name + "{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}"
                     out[key] = s.value
         return out
-
-
-def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    assert proc.stdout is not None
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    buf = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while b"\n" not in buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or proc.poll() is not None and not sel.select(0):
-                break
-            if not sel.select(min(remaining, 0.5)):
-                continue
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buf += chunk
-    finally:
-        sel.close()
-    return buf.decode(errors="replace").split("\n")[0]
 
 
 # Processes ----------------------------------------------------------------------------------------------------

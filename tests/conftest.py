@@ -15,16 +15,17 @@ import os
 import selectors
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import hypothesis  # noqa: F401  imported up front: the hypothesis plugin imports it lazily in pytest's
 #                  summary, which after some failures trips a CPython 3.11 AST bug and hides the report
 import psutil
 import pytest
 import websockets
+
+from gateway.client.spawn import DEFAULT_GATEWAY_ARGS, SpawnedGateway
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "test-token-123"
@@ -85,69 +86,27 @@ def pgid_members(pgid: int) -> list[int]:
     return members
 
 
-class GatewayProcess:
-    """A gateway started as a subprocess; ``start`` returns once its ready line was read."""
+class GatewayProcess(SpawnedGateway):
+    """A gateway started as a subprocess (the shared ``gateway.client.spawn`` helper) with the tests'
+    token; ``start`` returns once its ready line was read, ``stop`` also proves nothing it started survives."""
 
-    def __init__(self, *args: str, token: str | None = TOKEN, env: dict[str, str] | None = None) -> None:
-        self.args = list(args)
-        self.token = token
+    def __init__(self, *args: str, token: str | None = TOKEN, env: dict[str, str] | None = None,
+                 defaults: Sequence[str] = DEFAULT_GATEWAY_ARGS) -> None:
+        super().__init__(*args, token=token, env=env, cwd=ROOT, name="the test gateway", defaults=defaults)
         self.env = env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port: int | None = None
-        self.ready_line = ""
-        self.stderr_path = None
-
-    def command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "gateway", "serve", "--port", "0"]
-        if self.token:
-            cmd += ["--token", self.token]
-        if not any(a.startswith(("--state-dir", "--no-state")) for a in self.args):
-            # Never the user's default state dir: a store of its own for every gateway a test starts.
-            import tempfile
-
-            self.state_dir = tempfile.mkdtemp(prefix="wg-state-")
-            cmd += ["--state-dir", self.state_dir]
-        return cmd + self.args
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
-        import tempfile
-
-        self.stderr_file = tempfile.TemporaryFile()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(self.command(), cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr_file,
-                                     stdin=subprocess.DEVNULL, env=env)
-        self.ready_line = read_line(self.proc, timeout)
-        assert self.ready_line.startswith("WORKER_GATEWAY_READY port="), (self.ready_line, self.stderr())
-        self.port = int(self.ready_line.split()[1].split("=")[1])
+        super().start(timeout)
         return self
 
-    def stderr(self) -> str:
-        self.stderr_file.seek(0)
-        return self.stderr_file.read().decode(errors="replace")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def url(self, path: str = "/ws", token: bool = True) -> str:
-        query = f"?token={self.token}" if token and self.token else ""
-        return f"ws://127.0.0.1:{self.port}{path}{query}"
-
-    def http(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def stop(self, timeout: float = 20.0) -> int | None:
+    def stop(self, timeout: float = 20.0) -> int | None:  # type: ignore[override]
         """SIGTERM, then assert a clean exit and that nothing the gateway started survives it."""
         if self.proc is None or self.proc.poll() is not None:
+            super().stop()
             return self.proc.returncode if self.proc else None
         started = descendants(self.proc.pid)
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        code = super().stop(grace=timeout)
+        if code == -signal.SIGKILL:
             raise AssertionError(f"gateway did not exit within {timeout}s of SIGTERM\n{self.stderr()[-3000:]}")
         leftover = wait_for_gone(started, 5.0)
         for p in leftover:  # never leave strays behind for the next test, but fail this one

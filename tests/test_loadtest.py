@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TOKEN, GatewayProcess, descendants, wait_for
+from conftest import ROOT, TOKEN, GatewayProcess, wait_for
 from gateway import loadtest
 
 
@@ -65,11 +65,30 @@ def test_unreachable_gateway_is_a_setup_error_with_status_2() -> None:
     assert "not reachable" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_wrong_token_fails_the_run(gateway: GatewayProcess) -> None:
+def test_wrong_token_is_a_setup_error_with_status_2_and_a_hint(gateway: GatewayProcess) -> None:
     done = run_cli("--url", gateway.http(""), "--token", "wrong", "--sessions", "1", "--turns", "1",
                    "--cpu-s", "0", "--output-mb", "0", "--no-progress", timeout=30)
-    assert done.returncode == 1, done.stdout + done.stderr
-    assert "HTTP 403" in done.stdout
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "HTTP 403" in done.stderr and "--token" in done.stderr and "Traceback" not in done.stderr
+    assert "turns completed" not in done.stdout  # it failed before any load ran
+
+
+def test_missing_token_is_a_setup_error_naming_the_flag(gateway: GatewayProcess) -> None:
+    done = run_cli("--url", gateway.http(""), "--sessions", "1", "--no-progress", timeout=30)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs a token" in done.stderr and "--token" in done.stderr
+
+
+def test_gateway_args_reach_the_spawned_gateway(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    done = run_cli("--spawn", "--gateway-arg=--max-queued-prompts=3", "--gateway-arg", "--replay-max-events=5000",
+                   "--sessions", "1", "--turns", "1", "--cpu-s", "0", "--output-mb", "0.1", "--no-progress",
+                   "--json", str(report_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(report_path.read_text())
+    assert report["gateway"]["limits"]["max_queued_prompts"] == 3
+    assert report["gateway"]["limits"]["replay_max_events"] == 5000
+    assert report["config"]["gateway_arg"] == ["--max-queued-prompts=3", "--replay-max-events=5000"]
 
 
 def test_exactly_one_target_is_required() -> None:
@@ -92,13 +111,12 @@ def test_plot_without_matplotlib_is_a_clear_error(capsys: pytest.CaptureFixture[
     assert "matplotlib" in err and "worker-gateway[plot]" in err
 
 
-def test_spawned_gateway_is_stopped_when_it_never_gets_ready(tmp_path: Path) -> None:
-    spawned = loadtest.SpawnedGateway(["--port-is-not-a-flag"], timeout=20)
-    with pytest.raises(loadtest.SetupError) as info:
-        spawned.start()
-    assert "exited" in str(info.value) or "ready line" in str(info.value)
-    assert spawned.proc is not None and spawned.proc.poll() is not None
-    assert not descendants(spawned.proc.pid)
+def test_spawned_gateway_that_never_gets_ready_is_a_setup_error_with_its_stderr() -> None:
+    done = run_cli("--spawn", "--gateway-arg=--port-is-not-a-flag", "--no-progress", timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "exited with status 2 before it was ready" in done.stderr
+    assert "unrecognized arguments: --port-is-not-a-flag" in done.stderr  # the gateway's own stderr
+    assert "Traceback" not in done.stderr
 
 
 def _args(**kw: object) -> argparse.Namespace:
@@ -150,10 +168,10 @@ def test_loop_lag_histogram_is_read_from_the_exposition_text() -> None:
 
 
 def test_spawned_gateway_passes_a_dash_leading_token_intact() -> None:
+    from gateway.client.spawn import SpawnedGateway
     from gateway.config import Config
-    from gateway.loadtest import SpawnedGateway
 
-    spawned = SpawnedGateway([], timeout=1)
-    spawned.token = "-starts-like-a-flag"
+    spawned = SpawnedGateway("--agent=echo", token="-starts-like-a-flag")
     argv = spawned.command()[4:]  # after: python -m gateway serve
-    assert Config.load(argv, environ={}).token == "-starts-like-a-flag"
+    config = Config.load(argv, environ={})
+    assert config.token == "-starts-like-a-flag" and config.port == 0

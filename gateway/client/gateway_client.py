@@ -1,45 +1,19 @@
-"""Python client for the gateway's JSON-RPC channel, with automatic reconnect and session resume.
+"""The asyncio client of the ``/ws`` channel: calls, per-session event streams, reconnect + resume, acks.
 
-Usage::
-
-    async with GatewayClient("ws://127.0.0.1:8765/ws", token="...") as client:
-        session = await client.create_session(agent="echo")
-        await client.submit(session["session_id"], "hello world")
-        async for event in client.events(session["session_id"]):
-            if event["type"] == "turn.complete":
-                break
-
-Contract (``docs/client.md`` has the long form):
-
-- ``call(method, **params)`` returns the ``result`` object or raises a :class:`GatewayError` subclass that
-  carries the JSON-RPC ``code`` (:class:`SessionNotFound` for 4001, :class:`InvalidParams` for -32602...).
-- Every session the client created or resumed is *owned*: its events are queued per session, in ``seq``
-  order, and read with ``events(session_id)``.
-- When the connection drops without the client closing it, calls waiting for an answer fail at once with
-  :class:`ConnectionLost` (a request such as ``prompt.submit`` is never re-sent: it may have been
-  processed), and the client reconnects with jittered exponential backoff (bounded by attempts and time)
-  and sends ``session.resume`` with the last seen ``seq`` for every owned session.  Events are
-  deduplicated by ``seq``, so an ``events()`` iterator sees one gapless stream across reconnects.  A gap
-  the gateway cannot fill (``replay.truncated``) is raised from the iterator as :class:`ReplayTruncated`,
-  never skipped silently.
-- The client does not offer permessage-deflate: compressing would cost CPU on the gateway's event loop,
-  which must only relay bytes.
+The package docstring (``gateway/client/__init__.py``) and ``docs/client.md`` hold the contract.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
-import ipaddress
 import itertools
-import json
 import logging
 import random
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import EllipsisType
 from typing import Any
 
@@ -47,227 +21,24 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-__all__ = [
-    "Busy",
-    "CallTimeout",
-    "ClientState",
-    "ClientStats",
-    "ConnectionLost",
-    "GatewayClient",
-    "GatewayError",
-    "HandshakeRejected",
-    "InternalError",
-    "InvalidParams",
-    "InvalidRequest",
-    "LimitReached",
-    "MethodNotFound",
-    "NotSupported",
-    "ParseError",
-    "ReconnectPolicy",
-    "ReplayTruncated",
-    "SessionEvents",
-    "SessionNotFound",
-    "UnknownAgent",
-    "WorkerDied",
-    "WorkerFailed",
-    "WorkerStartFailed",
-    "error_from_response",
-    "normalize_url",
-]
+from gateway.client import _json
+from gateway.client.acks import AckPolicy, AckSupport, AckTracker
+from gateway.client.errors import (
+    CallTimeout,
+    ConnectionLost,
+    GatewayError,
+    HandshakeRejected,
+    LimitReached,
+    MethodNotFound,
+    ReplayTruncated,
+    error_from_response,
+)
+from gateway.client.policy import ClientState, ClientStats, ReconnectPolicy
+from gateway.client.streams import END, SessionEvents, SessionStream
+from gateway.client.urls import is_loopback, normalize_url, without_token
+from gateway.wire import JSONRPC_VERSION, EventType, Method
 
 logger = logging.getLogger("gateway.client")
-
-
-# Errors ------------------------------------------------------------------------------------------------
-class GatewayError(Exception):
-    """Base of every error this client raises.
-
-    ``code`` is the JSON-RPC error code when the gateway answered with an error, ``None`` for errors the
-    client detects itself (a lost connection, a timeout, a gap in a session's stream).
-    """
-
-    code: int | None = None
-
-    def __init__(self, code: int | None, message: str, data: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.data = data
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.code!r}, {self.message!r})"
-
-    def __str__(self) -> str:
-        return self.message if self.code is None else f"[{self.code}] {self.message}"
-
-
-class ParseError(GatewayError):
-    code = -32700
-
-
-class InvalidRequest(GatewayError):
-    code = -32600
-
-
-class MethodNotFound(GatewayError):
-    code = -32601
-
-
-class InvalidParams(GatewayError):
-    code = -32602
-
-
-class InternalError(GatewayError):
-    code = -32603
-
-
-class SessionNotFound(GatewayError):
-    """4001: no such session (or terminal); it was closed or never existed on this gateway run."""
-
-    code = 4001
-
-
-class UnknownAgent(GatewayError):
-    code = 4004
-
-
-class Busy(GatewayError):
-    """4009: the session's prompt queue is full; retry after a turn completes."""
-
-    code = 4009
-
-
-class NotSupported(GatewayError):
-    code = 4010
-
-
-class LimitReached(GatewayError):
-    """4029: a gateway limit (sessions, terminals, queued prompts) is reached."""
-
-    code = 4029
-
-
-class WorkerFailed(GatewayError):
-    """5001 or 5002: the session's worker process failed to start or died."""
-
-
-class WorkerStartFailed(WorkerFailed):
-    code = 5001
-
-
-class WorkerDied(WorkerFailed):
-    code = 5002
-
-
-class ConnectionLost(GatewayError):
-    """The connection dropped (or the client was closed) before the answer arrived, or reconnecting failed.
-
-    A call that fails this way may or may not have been processed by the gateway; the client does not
-    re-send it.
-    """
-
-
-class HandshakeRejected(GatewayError):
-    """The gateway refused the WebSocket handshake (HTTP status in ``data["status"]``, 403 for a wrong or
-    missing token, a foreign Origin or a non-loopback Host on a loopback bind).  Never retried."""
-
-
-class CallTimeout(GatewayError, TimeoutError):
-    """No answer within the call's timeout; the connection itself is still up."""
-
-
-class ReplayTruncated(GatewayError):
-    """Raised from a session's event iterator: events between ``after_seq`` and ``first_seq`` are gone.
-
-    The gateway's replay buffer no longer held them when the client resumed.  Iteration may continue after
-    catching it; the next event has ``seq >= first_seq``.
-    """
-
-    def __init__(self, session_id: str, after_seq: int, first_seq: int) -> None:
-        missing = max(0, first_seq - after_seq - 1)
-        super().__init__(None, f"session {session_id}: events {after_seq + 1}..{first_seq - 1} ({missing}) are no "
-                         f"longer in the gateway's replay buffer", {"session_id": session_id, "after_seq": after_seq,
-                                                                     "first_seq": first_seq})
-        self.session_id = session_id
-        self.after_seq = after_seq
-        self.first_seq = first_seq
-        self.missing = missing
-
-
-_ERRORS_BY_CODE: dict[int, type[GatewayError]] = {
-    cls.code: cls  # type: ignore[misc]
-    for cls in (ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, SessionNotFound,
-                UnknownAgent, Busy, NotSupported, LimitReached, WorkerStartFailed, WorkerDied)
-}
-
-
-def error_from_response(error: dict[str, Any]) -> GatewayError:
-    """The typed exception for a JSON-RPC ``error`` object (unknown codes give a plain GatewayError)."""
-    code = error.get("code")
-    cls = _ERRORS_BY_CODE.get(code, GatewayError) if isinstance(code, int) else GatewayError
-    return cls(code, str(error.get("message", "")), error.get("data"))
-
-
-# Configuration and state -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ReconnectPolicy:
-    """How the client reconnects after a dropped connection.
-
-    Delay before attempt ``n`` (0-based): ``min(max_delay, initial_delay * multiplier**n)`` scaled by a
-    random factor in ``[1 - jitter, 1]``, so that many clients dropped at once do not reconnect in step.
-    It gives up after ``max_attempts`` failed attempts or ``max_time`` seconds since the drop, whichever
-    comes first; then every pending iterator raises :class:`ConnectionLost`.
-    """
-
-    enabled: bool = True
-    initial_delay: float = 0.05
-    max_delay: float = 2.0
-    multiplier: float = 2.0
-    jitter: float = 0.5
-    max_attempts: int = 20
-    max_time: float = 30.0
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** attempt)
-        return base * (1.0 - self.jitter * rng.random())
-
-
-class ClientState(enum.Enum):
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    CLOSED = "closed"
-
-
-@dataclass
-class ClientStats:
-    """Counters a caller (e.g. the load test) reads to judge a run."""
-
-    connects: int = 0  # successful WebSocket handshakes, the first included
-    drops: int = 0  # connections that ended without the client closing them
-    forced_drops: int = 0  # of those, the ones caused by abort()
-    resumes: int = 0  # successful session.resume calls made by reconnects
-    replayed: int = 0  # events the gateway re-sent in answer to those resumes
-    events: int = 0  # session events queued for the caller (after deduplication)
-    duplicates: int = 0  # events filtered out because their seq was already delivered
-    truncations: int = 0  # ReplayTruncated raised into iterators
-    missing_events: int = 0  # events reported missing by those truncations
-    bytes_received: int = 0  # text of every frame received
-
-
-_END = object()  # queued after a session's last event
-
-
-@dataclass
-class _Stream:
-    """One session's event queue and the last seq delivered into it."""
-
-    session_id: str
-    queue: asyncio.Queue[Any]  # unbounded itself; the reader enforces max_queued_events with ``room``
-    last_seq: int = 0
-    owned: bool = True
-    ended: bool = False  # _END was queued: nothing more will be put
-    room: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -275,27 +46,6 @@ class _Pending:
     method: str
     future: asyncio.Future[dict[str, Any]]
     ws: ClientConnection
-
-
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def normalize_url(url: str) -> str:
-    """``http(s)://host:port`` becomes ``ws(s)://host:port/ws``; a ws URL without a path gets ``/ws``."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss"):
-        raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {url!r}: use ws://, wss://, http:// or https://")
-    path = parts.path if parts.path not in ("", "/") else "/ws"
-    return urllib.parse.urlunsplit((scheme, parts.netloc, path, parts.query, ""))
 
 
 # The client --------------------------------------------------------------------------------------------
@@ -319,6 +69,9 @@ class GatewayClient:
         this buffer when a connection drops is lost with it and must be replayed by the gateway, whose
         replay buffer is bounded (8 MiB by default): a small buffer keeps a resume within what it holds.
     :param seed: seed of the backoff jitter (reproducible runs).
+    :param acks: an :class:`AckPolicy`: how often the client sends ``session.ack`` for what its callers
+        have taken from the event iterators; ``AckPolicy(enabled=False)`` never acks.  A gateway without
+        the method (-32601) silently turns acking off.
     """
 
     def __init__(self, url: str, *, token: str | None = None, reconnect: ReconnectPolicy | None = None,
@@ -326,14 +79,14 @@ class GatewayClient:
                  max_queued_events: int | None = 10_000,
                  ping_interval: float | None | EllipsisType = ..., ping_timeout: float | None | EllipsisType = ...,
                  max_message_size: int | None = 64 * 1024 * 1024, receive_buffer: int | None = 1024 * 1024,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, acks: AckPolicy | None = None) -> None:
         self.url = normalize_url(url)
         self._token = token
         self.policy = reconnect or ReconnectPolicy()
         self.call_timeout = call_timeout
         self.open_timeout = open_timeout
         self.max_queued_events = max_queued_events
-        loopback = _is_loopback(urllib.parse.urlsplit(self.url).hostname)
+        loopback = is_loopback(urllib.parse.urlsplit(self.url).hostname)
         self._ping_interval = (None if loopback else 20.0) if ping_interval is ... else ping_interval
         self._ping_timeout = (None if loopback else 20.0) if ping_timeout is ... else ping_timeout
         self._max_size = max_message_size
@@ -349,9 +102,13 @@ class GatewayClient:
         self._connected = asyncio.Event()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, SessionStream] = {}
         self._aborting: ClientConnection | None = None
         self._failure: ConnectionLost | None = None
+        self._acks = AckTracker(acks)
+        self._ack_wakeup = asyncio.Event()
+        self._acker: asyncio.Task[None] | None = None
+        self._ack_timeout = 10.0
 
     # Lifecycle -----------------------------------------------------------------------------------------
     async def __aenter__(self) -> GatewayClient:
@@ -369,6 +126,8 @@ class GatewayClient:
         if self.state is ClientState.CONNECTING:  # not already reconnecting after an immediate drop
             self.state = ClientState.CONNECTED
             self._connected.set()
+        if self._acks.active:
+            self._acker = asyncio.get_running_loop().create_task(self._ack_loop(), name="gateway-client-acks")
 
     async def aclose(self) -> None:
         """End the client: close the socket, fail pending calls, end every event iterator.
@@ -380,11 +139,12 @@ class GatewayClient:
             return
         self.state = ClientState.CLOSED
         self._connected.set()  # wake waiters so they see CLOSED
-        reconnector, self._reconnector = self._reconnector, None
-        if reconnector is not None:
-            reconnector.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reconnector
+        for task in (self._reconnector, self._acker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._reconnector = self._acker = None
         ws, self._ws = self._ws, None
         if ws is not None:
             with contextlib.suppress(Exception):
@@ -439,7 +199,7 @@ class GatewayClient:
         assert ws is not None
         params = dict(params or {})
         new_stream = None
-        if method == "session.resume" and isinstance(params.get("session_id"), str):
+        if method == Method.SESSION_RESUME and isinstance(params.get("session_id"), str):
             new_stream = self._prepare_resume(params)
         try:
             result = await self._request_on(ws, method, params, max(0.0, deadline - time.monotonic()))
@@ -453,14 +213,14 @@ class GatewayClient:
     async def _request_on(self, ws: ClientConnection, method: str, params: dict[str, Any],
                           timeout: float) -> dict[str, Any]:
         request_id = next(self._ids)
-        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        message: dict[str, Any] = {"jsonrpc": JSONRPC_VERSION, "id": request_id, "method": method}
         if params:
             message["params"] = params
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = _Pending(method, future, ws)
         try:
             try:
-                await ws.send(json.dumps(message, separators=(",", ":")))
+                await ws.send(_json.encode(message))
             except websockets.ConnectionClosed as exc:
                 raise ConnectionLost(None, f"connection lost while sending {method}: {exc}") from exc
             try:
@@ -477,18 +237,18 @@ class GatewayClient:
     # Session helpers -----------------------------------------------------------------------------------
     async def create_session(self, **params: Any) -> dict[str, Any]:
         """``session.create``; the new session is owned by this client (its events queue up for events())."""
-        return await self.request("session.create", params)
+        return await self.request(Method.SESSION_CREATE, params)
 
     async def submit(self, session_id: str, text: str) -> dict[str, Any]:
         """``prompt.submit``: ``{"status": "started" | "queued", "turn_id"}``.  Never re-sent on a drop."""
-        return await self.request("prompt.submit", {"session_id": session_id, "text": text})
+        return await self.request(Method.PROMPT_SUBMIT, {"session_id": session_id, "text": text})
 
     async def interrupt(self, session_id: str) -> dict[str, Any]:
-        return await self.request("session.interrupt", {"session_id": session_id})
+        return await self.request(Method.SESSION_INTERRUPT, {"session_id": session_id})
 
     async def close(self, session_id: str) -> dict[str, Any]:
         """``session.close``: ends the session's workers; its event iterator ends after ``session.closed``."""
-        return await self.request("session.close", {"session_id": session_id})
+        return await self.request(Method.SESSION_CLOSE, {"session_id": session_id})
 
     async def resume(self, session_id: str, after_seq: int | None = None) -> dict[str, Any]:
         """``session.resume``: take ownership of a session (e.g. one created by another client).
@@ -499,10 +259,10 @@ class GatewayClient:
         params: dict[str, Any] = {"session_id": session_id}
         if after_seq is not None:
             params["after_seq"] = after_seq
-        return await self.request("session.resume", params)
+        return await self.request(Method.SESSION_RESUME, params)
 
     async def ping(self) -> dict[str, Any]:
-        return await self.request("gateway.ping")
+        return await self.request(Method.PING)
 
     def events(self, session_id: str) -> SessionEvents:
         """An async iterator of the session's events (the ``params`` of each event notification).
@@ -512,25 +272,35 @@ class GatewayClient:
         it raises :class:`ReplayTruncated` for a gap the gateway could not fill, :class:`SessionNotFound`
         when the session was gone at a reconnect, :class:`ConnectionLost` when reconnecting gave up.
         """
-        return SessionEvents(self, self._stream(session_id))
+        return SessionEvents(self._stream(session_id), self._processed)
 
     def last_seq(self, session_id: str) -> int:
         """The last seq queued for the caller of that session (0 if none)."""
         stream = self._streams.get(session_id)
         return stream.last_seq if stream else 0
 
+    def processed_seq(self, session_id: str) -> int:
+        """The last seq the session's iterators handed to the caller (0 if none): what acks confirm."""
+        stream = self._streams.get(session_id)
+        return stream.processed_seq if stream else 0
+
+    @property
+    def ack_support(self) -> AckSupport:
+        """Whether the gateway takes ``session.ack`` (``UNKNOWN`` until its first answer)."""
+        return self._acks.support
+
     @property
     def owned_sessions(self) -> list[str]:
         return [s.session_id for s in self._streams.values() if s.owned and not s.ended]
 
-    def _stream(self, session_id: str) -> _Stream:
+    def _stream(self, session_id: str) -> SessionStream:
         stream = self._streams.get(session_id)
         if stream is None:
-            stream = _Stream(session_id, asyncio.Queue(), owned=False)
+            stream = SessionStream(session_id, asyncio.Queue(), owned=False)
             self._streams[session_id] = stream
         return stream
 
-    def _prepare_resume(self, params: dict[str, Any]) -> _Stream | None:
+    def _prepare_resume(self, params: dict[str, Any]) -> SessionStream | None:
         """Before sending session.resume: make sure its replay lands in a stream with the right last_seq.
 
         Done before the request leaves, because the replayed events follow the answer immediately and the
@@ -541,32 +311,83 @@ class GatewayClient:
         if existing is not None and not existing.ended:
             # An explicit lower after_seq is allowed: events already queued are filtered as duplicates.  A
             # higher one skips events on purpose: that is the caller's choice, not a gap to report.
-            after = params.setdefault("after_seq", existing.last_seq)
+            after = params.setdefault("after_seq", existing.processed_seq)
             if isinstance(after, int) and not isinstance(after, bool) and after > existing.last_seq:
-                existing.last_seq = after
+                existing.last_seq = existing.processed_seq = after
             return None
         if existing is not None:
             self._streams.pop(session_id)
         stream = self._stream(session_id)
         after = params.get("after_seq", 0)
         stream.last_seq = after if isinstance(after, int) and not isinstance(after, bool) and after > 0 else 0
+        stream.processed_seq = stream.last_seq  # what the caller skipped counts as taken
         return stream
 
     def _after_result(self, method: str, params: dict[str, Any], result: dict[str, Any]) -> None:
-        if method == "session.create" and isinstance(result.get("session_id"), str):
+        if method == Method.SESSION_CREATE and isinstance(result.get("session_id"), str):
             stream = self._streams.get(result["session_id"])
             if stream is None or stream.ended:
                 self._streams.pop(result["session_id"], None)
                 stream = self._stream(result["session_id"])
             stream.owned = True
-        elif method == "session.resume":
+        elif method == Method.SESSION_RESUME:
             stream = self._streams.get(params["session_id"])
             if stream is not None:
                 stream.owned = True
-        elif method == "session.close":
+                after = params.get("after_seq")
+                if isinstance(after, int) and not isinstance(after, bool):
+                    self._acks.resumed(stream.session_id, after)
+        elif method == Method.SESSION_CLOSE:
             stream = self._streams.get(params["session_id"])
             if stream is not None:
                 stream.owned = False  # do not resume it; session.closed (already queued) ends the iterator
+                self._acks.forget(stream.session_id)
+
+    # Acknowledgements ----------------------------------------------------------------------------------
+    def _processed(self, stream: SessionStream, seq: int) -> None:
+        """An iterator handed ``seq`` to the caller (called by :class:`SessionEvents`)."""
+        if seq <= stream.processed_seq:
+            return
+        stream.processed_seq = seq
+        if stream.owned and not stream.ended and self._acks.processed(stream.session_id, seq, time.monotonic()):
+            self._ack_wakeup.set()
+
+    async def _ack_loop(self) -> None:
+        """Send the acks the tracker says are due, on the live connection only; never blocks a caller."""
+        tracker = self._acks
+        while tracker.active and self.state is not ClientState.CLOSED:
+            ws = self._ws
+            if ws is None or self.state is not ClientState.CONNECTED:
+                await asyncio.sleep(tracker.policy.every_s)  # a resume acknowledges for us meanwhile
+                continue
+            wait = tracker.next_wakeup(time.monotonic())
+            self._ack_wakeup.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._ack_wakeup.wait(), tracker.policy.every_s if wait is None else wait)
+            if ws is not self._ws or self.state is not ClientState.CONNECTED:
+                continue
+            due = tracker.due(time.monotonic())
+            if due:
+                await asyncio.gather(*(self._send_ack(ws, session_id, seq) for session_id, seq in due))
+
+    async def _send_ack(self, ws: ClientConnection, session_id: str, seq: int) -> None:
+        tracker = self._acks
+        try:
+            await self._request_on(ws, Method.SESSION_ACK, {"session_id": session_id, "seq": seq}, self._ack_timeout)
+        except MethodNotFound:
+            logger.debug("gateway client: the gateway has no session.ack; not acknowledging")
+            tracker.unsupported()
+        except (ConnectionLost, CallTimeout, LimitReached):
+            tracker.failed(session_id, time.monotonic())
+        except GatewayError as exc:  # e.g. 4001: the session is gone; a retry cannot help
+            logger.debug("gateway client: session.ack for %s refused: %s", session_id, exc)
+            tracker.refuse(session_id)
+        except Exception:  # a bug must not end acknowledging for every session
+            logger.exception("gateway client: session.ack failed")
+            tracker.failed(session_id, time.monotonic())
+        else:
+            self.stats.acks += 1
+            tracker.answered(session_id, seq, time.monotonic())
 
     # Connection management -----------------------------------------------------------------------------
     async def _await_connected(self, deadline: float | None) -> None:
@@ -585,9 +406,7 @@ class GatewayClient:
                 pass
 
     def _safe_url(self) -> str:
-        parts = urllib.parse.urlsplit(self.url)
-        query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("token="))
-        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+        return without_token(self.url)
 
     async def _open(self) -> None:
         """Handshake, read ``gateway.ready``, start the reader."""
@@ -641,12 +460,9 @@ class GatewayClient:
 
     async def _handle_frame(self, raw: str | bytes) -> None:
         self.stats.bytes_received += len(raw)
-        try:
-            message = json.loads(raw)
-        except ValueError:
-            logger.warning("ignoring a frame that is not JSON: %.80r", raw)
-            return
-        if not isinstance(message, dict):
+        message = _json.decode_object(raw)
+        if message is None:
+            logger.warning("ignoring a frame that is not a JSON object: %.80r", raw)
             return
         if "id" in message and ("result" in message or "error" in message):
             pending = self._pending.get(message["id"])
@@ -660,21 +476,21 @@ class GatewayClient:
         session_id = event.get("session_id")
         kind = event.get("type")
         if session_id is None:
-            if kind == "gateway.ready":
+            if kind == EventType.GATEWAY_READY:
                 self.server_info = dict(event.get("payload") or {})
             return
         stream = self._stream(session_id)
         if stream.ended:
             return
         seq = event.get("seq")
-        if kind == "replay.truncated":
+        if kind == EventType.REPLAY_TRUNCATED:
             first_seq = int((event.get("payload") or {}).get("first_seq", 0))
             if first_seq - 1 > stream.last_seq:
                 await self._put_truncated(stream, first_seq)
             return
         if not isinstance(seq, int):
             await self._put(stream, event)
-            if kind == "session.detached":
+            if kind == EventType.SESSION_DETACHED:
                 stream.owned = False
                 self._end_stream(stream, None)
             return
@@ -686,11 +502,11 @@ class GatewayClient:
         stream.last_seq = seq
         self.stats.events += 1
         await self._put(stream, event)
-        if kind == "session.closed":
+        if kind == EventType.SESSION_CLOSED:
             stream.owned = False
             self._end_stream(stream, None)
 
-    async def _put(self, stream: _Stream, item: Any) -> None:
+    async def _put(self, stream: SessionStream, item: Any) -> None:
         """Queue an item, waiting while the stream holds ``max_queued_events`` (the socket is not read)."""
         limit = self.max_queued_events
         while limit and stream.queue.qsize() >= limit and not stream.ended:
@@ -698,21 +514,22 @@ class GatewayClient:
             await stream.room.wait()
         stream.queue.put_nowait(item)
 
-    async def _put_truncated(self, stream: _Stream, first_seq: int) -> None:
+    async def _put_truncated(self, stream: SessionStream, first_seq: int) -> None:
         error = ReplayTruncated(stream.session_id, stream.last_seq, first_seq)
         self.stats.truncations += 1
         self.stats.missing_events += error.missing
         stream.last_seq = first_seq - 1
         await self._put(stream, error)
 
-    def _end_stream(self, stream: _Stream, error: BaseException | None) -> None:
+    def _end_stream(self, stream: SessionStream, error: BaseException | None) -> None:
         """Queue the end marker (and an error before it); never blocks, even on a full queue."""
         if stream.ended:
             return
         stream.ended = True
+        self._acks.forget(stream.session_id)
         if error is not None:
             stream.queue.put_nowait(error)
-        stream.queue.put_nowait(_END)
+        stream.queue.put_nowait(END)
 
     def _fail_pending(self, ws: ClientConnection | None, why: str) -> None:
         for request_id, pending in list(self._pending.items()):
@@ -806,12 +623,16 @@ class GatewayClient:
         if ws is None:
             raise ConnectionLost(None, "connection lost during reconnect")
         streams = [s for s in self._streams.values() if s.owned and not s.ended]
+        # After the last *processed* seq: the gateway then keeps (and may replay) what still sits in our
+        # queues, and the resume acknowledges exactly what the caller has taken.  Replayed events that are
+        # already queued are dropped as duplicates.
+        after_seqs = [s.processed_seq for s in streams]
         timeout = max(0.1, min(self.call_timeout, deadline - time.monotonic()))
         results = await asyncio.gather(*(
-            self._request_on(ws, "session.resume", {"session_id": s.session_id, "after_seq": s.last_seq}, timeout)
-            for s in streams), return_exceptions=True)
+            self._request_on(ws, Method.SESSION_RESUME, {"session_id": s.session_id, "after_seq": after}, timeout)
+            for s, after in zip(streams, after_seqs, strict=True)), return_exceptions=True)
         retry: BaseException | None = None
-        for stream, result in zip(streams, results):
+        for stream, after, result in zip(streams, after_seqs, results, strict=True):
             if isinstance(result, (ConnectionLost, CallTimeout, LimitReached)):  # LimitReached: the rate limit
                 retry = result
             elif isinstance(result, GatewayError):
@@ -823,53 +644,6 @@ class GatewayClient:
             else:
                 self.stats.resumes += 1
                 self.stats.replayed += int(result.get("replayed", 0) or 0)
+                self._acks.resumed(stream.session_id, after)
         if retry is not None:
             raise retry
-
-
-class SessionEvents:
-    """Async iterator over one session's events; see :meth:`GatewayClient.events`."""
-
-    def __init__(self, client: GatewayClient, stream: _Stream) -> None:
-        self._client = client
-        self._stream = stream
-        self._done = False
-
-    def __aiter__(self) -> SessionEvents:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        stream = self._stream
-        if self._done or (stream.ended and stream.queue.empty()):  # the end marker was taken by another iterator
-            raise StopAsyncIteration
-        item = await stream.queue.get()
-        if item is _END:
-            self._done = True
-            raise StopAsyncIteration
-        stream.room.set()
-        if isinstance(item, BaseException):
-            raise item  # a terminal error is followed by the end marker, which ends the next __anext__
-        return item
-
-    async def next(self, timeout: float | None = None) -> dict[str, Any]:
-        """The next event, waiting at most ``timeout`` seconds (``asyncio.TimeoutError`` otherwise)."""
-        return await asyncio.wait_for(self.__anext__(), timeout)
-
-    async def until(self, event_type: str, timeout: float | None = None, **payload: Any) -> list[dict[str, Any]]:
-        """Collect events up to and including the first of ``event_type`` whose payload matches ``payload``."""
-        collected: list[dict[str, Any]] = []
-
-        async def run() -> list[dict[str, Any]]:
-            async for event in self:
-                collected.append(event)
-                body = event.get("payload") or {}
-                if event.get("type") == event_type and all(body.get(k) == v for k, v in payload.items()):
-                    return collected
-            raise GatewayError(None, f"session {self._stream.session_id}: its event stream ended before a "
-                               f"{event_type} event")
-
-        return await asyncio.wait_for(run(), timeout)
-
-    @property
-    def last_seq(self) -> int:
-        return self._stream.last_seq
