@@ -150,13 +150,16 @@ async def test_call_in_flight_at_a_drop_fails_with_connection_lost_and_is_not_re
 
 
 async def test_replay_truncated_is_raised_from_the_iterator_not_skipped(gateway_factory) -> None:
-    gateway = gateway_factory("--replay-max-events", "16")
+    # In memory only (with the store, old events come from disk), and acknowledged: the count bound
+    # drops only events the client confirmed.
+    gateway = gateway_factory("--replay-max-events", "16", "--no-state")
     async with GatewayClient(ws_url(gateway), token=TOKEN) as first:
         sid = (await first.create_session(agent="load"))["session_id"]
         await first.submit(sid, "output_mb=0.1 chunk_kb=1")
         produced = await drain_until(first.events(sid), "turn.complete")
         last = produced[-1]["seq"]
         assert last > 16
+        assert (await first.call("session.ack", session_id=sid, seq=last))["acked_seq"] == last
         async with GatewayClient(ws_url(gateway), token=TOKEN) as second:
             resumed = await second.resume(sid, after_seq=0)
             assert resumed["truncated"] is True

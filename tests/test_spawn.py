@@ -64,11 +64,18 @@ def test_any_server_with_a_ready_line_works_and_its_later_output_is_drained() ->
 
 
 def test_the_command_puts_the_defaults_first_and_the_token_as_one_argument() -> None:
-    command = gateway_command("--agent", "echo", token="-dash", python="py")
+    command = gateway_command("--agent", "echo", "--no-state", token="-dash", python="py")
     assert command == ["py", "-m", "gateway", "serve", "--port", "0", *DEFAULT_GATEWAY_ARGS, "--token=-dash",
-                       "--agent", "echo"]
-    assert gateway_command(token=None, python="py", defaults=("--x",)) == ["py", "-m", "gateway", "serve",
-                                                                             "--port", "0", "--x"]
+                       "--agent", "echo", "--no-state"]
+    assert gateway_command(token=None, python="py", defaults=("--no-state",)) == [
+        "py", "-m", "gateway", "serve", "--port", "0", "--no-state"]
+
+
+def test_a_spawned_gateway_never_uses_the_default_state_dir() -> None:
+    """Without --state-dir / --no-state it gets a fresh temporary one: never the user's lock."""
+    first, second = (gateway_command(token=None, python="py") for _ in range(2))
+    dirs = [next(a for a in c if a.startswith("--state-dir=")) for c in (first, second)]
+    assert dirs[0] != dirs[1] and all(os.path.isdir(d.split("=", 1)[1]) for d in dirs)
 
 
 def test_the_child_environment_has_this_tree_importable_and_can_drop_variables(monkeypatch) -> None:
