@@ -22,7 +22,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainT
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway import PROTOCOL_VERSION, __version__, auth, rpc
+from gateway import PROTOCOL_VERSION, __version__, auth, keepalive, rpc
 from gateway.config import Config
 from gateway.connection import Connection
 from gateway.looplag import LoopLagMonitor
@@ -89,13 +89,22 @@ class GatewayState:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
         }
 
-    def ready_event(self) -> str:
+    def ready_event(self, ping: keepalive.PingPolicy) -> str:
+        """``gateway.ready`` for one connection: ``ping`` is that connection's own keepalive policy."""
         return rpc.encode_event("gateway.ready", {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "epoch": self.epoch,
-            "ping": {"interval": self.config.ws_ping_interval, "timeout": self.config.ws_ping_timeout},
+            "ping": ping.as_wire(),
         })
+
+    def bind_ping_policy(self) -> keepalive.PingPolicy:
+        """The policy when the ASGI server recorded none for a connection (not our protocol class)."""
+        cfg = self.config
+        reason = (keepalive.PingReason.EXPLICIT if cfg.ping_explicit else
+                  keepalive.PingReason.LOOPBACK_PEER if cfg.ws_ping_interval is None else
+                  keepalive.PingReason.PUBLIC_BIND)
+        return keepalive.PingPolicy(cfg.ws_ping_interval, cfg.ws_ping_timeout, reason)
 
 
 def _header_map(scope_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -153,15 +162,14 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         return
     metrics = state.metrics
     config = state.config
-    stall_timeout = (config.ws_ping_interval + config.ws_ping_timeout
-                     if config.ws_ping_interval is not None and config.ws_ping_timeout is not None else None)
+    ping = keepalive.from_scope(websocket.scope, state.bind_ping_policy())
     conn = Connection(websocket, config.outbound_max_bytes, on_sent=metrics.bytes_sent.inc,
-                      stall_timeout=stall_timeout)
+                      stall_timeout=ping.stall_timeout)
     state.connections.add(conn)
     metrics.ws_connections.inc()
     metrics.ws_connections_total.inc()
     conn.start()
-    conn.send(state.ready_event())
+    conn.send(state.ready_event(ping))
     receiving = asyncio.get_running_loop().create_task(_receive_loop(state, websocket, conn),
                                                        name=f"ws-receiver-{conn.id}")
     try:

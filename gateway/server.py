@@ -26,6 +26,7 @@ from gateway.app import GatewayState, create_app
 from gateway.config import Config, ConfigError
 from gateway import wire
 from gateway.loops import select_loop_factory
+from gateway.wsproto import protocol_class
 
 logger = logging.getLogger("worker_gateway.server")
 READY_PREFIX = wire.READY_LINE_PREFIX
@@ -121,6 +122,21 @@ def install_log_redaction(token: str | None) -> None:
         logging.getLogger(name).addFilter(redact)
 
 
+def _seconds(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}s"
+
+
+def describe_ping(cfg: Config) -> str:
+    """The keepalive policy in the start-up line, e.g. ``off for direct loopback peers, 20s/20s otherwise``."""
+    configured = f"{_seconds(cfg.ws_ping_interval)}/{_seconds(cfg.ws_ping_timeout)}"
+    if cfg.ping_explicit:
+        return "off" if cfg.ws_ping_interval is None else configured
+    if cfg.loopback:
+        return (f"off for direct loopback peers, {_seconds(wire.PUBLIC_PING_INTERVAL_S)}/"
+                f"{_seconds(wire.PUBLIC_PING_TIMEOUT_S)} for proxied or remote ones")
+    return configured
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn's server with our readiness announcement and a session-aware graceful shutdown."""
 
@@ -146,8 +162,7 @@ class GatewayServer(uvicorn.Server):
         sys.stdout.write(f"{READY_PREFIX} port={port} url={base}\n")
         sys.stdout.flush()
         dashboard = f"{base}?token={cfg.token}" if cfg.token else base
-        ping = ("off" if cfg.ws_ping_interval is None
-                else f"{cfg.ws_ping_interval:g}s/{cfg.ws_ping_timeout if cfg.ws_ping_timeout is not None else 'none'}s")
+        ping = describe_ping(cfg)
         print(f"worker-gateway: serving on {base} (agent {cfg.agent}, ping {ping}); dashboard: {dashboard}",
               file=sys.stderr, flush=True)
 
@@ -169,6 +184,9 @@ def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         lifespan="on",
+        # The per-connection keepalive (gateway/keepalive.py) is decided by this protocol class; the two
+        # values below are only uvicorn's defaults, which the class overrides for every connection.
+        ws=protocol_class(config),
         ws_ping_interval=config.ws_ping_interval,
         ws_ping_timeout=config.ws_ping_timeout,
         ws_max_size=config.max_message_bytes,
