@@ -13,10 +13,13 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from gateway.rootpath import normalize_root_path
 
 logger = logging.getLogger("worker_gateway.config")
 
@@ -93,9 +96,20 @@ KNOBS: tuple[Knob, ...] = (
     # Slash commands and terminals
     Knob("slash_timeout_s", float, 45.0, "seconds a slash command may run before its worker is killed", 0.1, 3600),
     Knob("terminal_grace_s", float, 300.0, "seconds a terminal outlives its dropped socket", 0, None),
+    # --- edge: proxies, handshakes, slowloris (docs/deployment.md, docs/security.md) ---
+    Knob("forwarded_allow_ips", str, "127.0.0.1,::1",
+         "comma-separated proxy addresses or networks whose X-Forwarded-For / X-Forwarded-Proto set the client "
+         "address in logs and the scheme ('*' trusts every peer, 'none' no one)"),
+    Knob("root_path", str, "", "URL path prefix the gateway is served under behind a reverse proxy, e.g. /gw "
+         "(the proxy may strip it or not)"),
+    Knob("handshake_timeout_s", float, 10.0,
+         "seconds a new connection may take to send its request head (slow or silent ones are closed)", 0.1, 600),
+    Knob("max_pending_connections", int, 64,
+         "connections whose request head is not complete yet (beyond: the newest are closed at once)", 1, 100000),
 )
 
 _KNOBS_BY_NAME = {k.name: k for k in KNOBS}
+_ROOT_PATH_CHARS = re.compile(r"(/[A-Za-z0-9._~-]+)*")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _NONE = {"none", "off", "null", "disabled"}
@@ -208,6 +222,11 @@ class Config:
     max_json_depth: int = 32
     slash_timeout_s: float = 45.0
     terminal_grace_s: float = 300.0
+    # --- edge ---
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+    root_path: str = ""
+    handshake_timeout_s: float = 10.0
+    max_pending_connections: int = 64
 
     def __post_init__(self) -> None:
         if self.ping_explicit:
@@ -240,8 +259,31 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def normalized_root_path(self) -> str:
+        """``--root-path`` as ``/prefix`` without a trailing slash, or ``""``."""
+        return normalize_root_path(self.root_path)
+
+    @property
+    def trusted_proxies(self) -> list[str]:
+        """``--forwarded-allow-ips`` as uvicorn's ``forwarded_allow_ips`` list (empty: trust no one)."""
+        if self.forwarded_allow_ips.strip().lower() in _NONE:
+            return []
+        return [item.strip() for item in self.forwarded_allow_ips.split(",") if item.strip()]
+
     def validate(self) -> None:
         """Refuse combinations no fallback can make safe."""
+        if not _ROOT_PATH_CHARS.fullmatch(self.normalized_root_path):
+            raise ConfigError(f"--root-path {self.root_path!r} may hold only letters, digits and - . _ ~ / "
+                              "(e.g. --root-path /gw)")
+        for item in self.trusted_proxies:
+            if item == "*":
+                continue
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(f"--forwarded-allow-ips: {item!r} is not an IP address or network "
+                                  "(e.g. 127.0.0.1,::1 or 10.0.0.0/8, '*' for all, 'none')") from None
         if self.no_auth and not self.loopback:
             raise ConfigError(
                 f"--no-auth is refused on the non-loopback bind {self.host!r}: anyone who can reach it could "

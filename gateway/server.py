@@ -26,6 +26,7 @@ from gateway.app import GatewayState, create_app
 from gateway.config import Config, ConfigError
 from gateway import wire
 from gateway.loops import select_loop_factory
+from gateway.rootpath import RootPathMiddleware
 from gateway.wsproto import protocol_class
 
 logger = logging.getLogger("worker_gateway.server")
@@ -156,7 +157,7 @@ class GatewayServer(uvicorn.Server):
 
     def announce(self, port: int) -> None:
         cfg = self.gateway_config
-        base = f"http://{display_host(cfg.host)}:{port}/"
+        base = f"http://{display_host(cfg.host)}:{port}{cfg.normalized_root_path}/"
         if cfg.ready_file:
             write_ready_file(cfg.ready_file, port)
         sys.stdout.write(f"{READY_PREFIX} port={port} url={base}\n")
@@ -181,9 +182,15 @@ class GatewayServer(uvicorn.Server):
 
 
 def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
+    if config.normalized_root_path:
+        app = RootPathMiddleware(app, config.normalized_root_path)
+    trusted = config.trusted_proxies
     return uvicorn.Config(
         app,
         lifespan="on",
+        # Real client addresses in logs from X-Forwarded-For, only when the peer is a trusted proxy.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
         # The per-connection keepalive (gateway/keepalive.py) is decided by this protocol class; the two
         # values below are only uvicorn's defaults, which the class overrides for every connection.
         ws=protocol_class(config),
