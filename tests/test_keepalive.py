@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
-import websockets
 
-from conftest import ROOT, TOKEN, GatewayProcess, RpcClient, async_wait_for, read_line, wait_for
+from conftest import GatewayProcess, RpcClient
+from edge_helpers import StoppableClient, active, wait_detached, wait_reaped
 from gateway import keepalive
 from gateway.keepalive import PingPolicy, PingReason, connection_policy
 from gateway.wire import PROXY_HEADERS
@@ -101,51 +96,6 @@ def test_startup_line_states_the_policy(gateway) -> None:
     assert "ping off for direct loopback peers, 20s/20s for proxied or remote ones" in line
 
 
-# A client that stops answering pings: a subprocess we SIGSTOP (so its kernel socket stays open and nothing
-# answers), as a browser behind a tunnel that vanished.  It creates a session, says so, then idles.
-_STOPPABLE_CLIENT = textwrap.dedent("""
-    import asyncio, json, sys
-    import websockets
-
-    async def main(url, header):
-        extra = {header: "203.0.113.9"} if header else {}
-        async with websockets.connect(url, additional_headers=extra, ping_interval=None) as ws:
-            ready = json.loads(await ws.recv())
-            await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "session.create", "params": {}}))
-            while True:
-                msg = json.loads(await ws.recv())
-                if msg.get("id") == 1:
-                    print(json.dumps({"ping": ready["params"]["payload"]["ping"],
-                                      "session_id": msg["result"]["session_id"]}), flush=True)
-                    break
-            await asyncio.Event().wait()
-
-    asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else ""))
-""")
-
-
-class StoppableClient:
-    def __init__(self, url: str, header: str = "") -> None:
-        args = [sys.executable, "-c", _STOPPABLE_CLIENT, url] + ([header] if header else [])
-        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        self.hello = json.loads(read_line(self.proc, 30.0))
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-async def active(gw: GatewayProcess) -> dict[str, dict]:
-    async with RpcClient.connect(gw.url()) as observer:
-        sessions = (await observer.call("session.active_list"))["sessions"]
-    return {s["session_id"]: s for s in sessions}
-
-
 async def test_stopped_proxied_client_is_aborted_and_detached(gateway_factory) -> None:
     """Explicit short pings (flags) for test speed: detached within interval + timeout + a margin."""
     gw = gateway_factory("--ws-ping-interval", "1", "--ws-ping-timeout", "1", "--grace-s", "1.5")
@@ -154,25 +104,8 @@ async def test_stopped_proxied_client_is_aborted_and_detached(gateway_factory) -
         sid = client.hello["session_id"]
         assert client.hello["ping"] == {"interval": 1.0, "timeout": 1.0}
         client.stop()
-        loop = asyncio.get_running_loop()
-        stopped_at = loop.time()
-        state: dict = {}
-
-        async def refresh() -> None:
-            state.update(await active(gw))
-
-        while True:  # detached within 1 + 1 s plus a margin for a loaded machine
-            state.clear()
-            await refresh()
-            if sid not in state or not state[sid]["attached"]:
-                break
-            assert loop.time() - stopped_at < 12.0, "the stopped client's session is still attached"
-            await asyncio.sleep(0.1)
-        # ...and, idle, reaped after the grace period.
-        deadline = loop.time() + 15.0
-        while sid in await active(gw):
-            assert loop.time() < deadline, "the detached idle session was not reaped after the grace"
-            await asyncio.sleep(0.1)
+        await wait_detached(gw, sid, within=12.0)  # 1 + 1 s, plus a margin for a loaded machine
+        await wait_reaped(gw, sid, within=15.0)  # idle: reaped after the 1.5 s grace
         assert "aborting the connection" in gw.stderr()
     finally:
         client.kill()
