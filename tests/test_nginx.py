@@ -114,11 +114,12 @@ def nginx_factory(tmp_path: Path) -> Iterator[Callable[..., Nginx]]:
     """``start(gw, port)``: an nginx on 127.0.0.1:port in front of ``gw``, stopped by pid at teardown."""
     started: list[Nginx] = []
 
-    def start(gw: GatewayProcess, port: int) -> Nginx:
+    def start(gw: GatewayProcess, port: int, read_timeout: str = "1h") -> Nginx:
         assert NGINX is not None
         prefix = tmp_path / f"nginx-{len(started)}"
         prefix.mkdir()
-        conf = (CONFIG.replace("LOCATION", LOCATION).replace("PREFIX", str(prefix))
+        location = LOCATION.replace("_timeout 1h", f"_timeout {read_timeout}")
+        conf = (CONFIG.replace("LOCATION", location).replace("PREFIX", str(prefix))
                 .replace("NGINX_PORT", str(port)).replace("GW_PORT", str(gw.port)))
         (prefix / "nginx.conf").write_text(conf)
         proc = subprocess.Popen([NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
@@ -146,10 +147,10 @@ def behind_nginx(gateway_factory, nginx_factory) -> Callable[..., tuple[GatewayP
     """A gateway under /gw behind nginx, with nginx's origin allowed (the page's Origin is the proxy's,
     while nginx rewrites Host to the gateway's loopback address)."""
 
-    def make(*args: str) -> tuple[GatewayProcess, Nginx]:
+    def make(*args: str, read_timeout: str = "1h") -> tuple[GatewayProcess, Nginx]:
         port = free_port()
         gw = gateway_factory("--root-path", "/gw", "--allow-origin", f"http://127.0.0.1:{port}", *args)
-        return gw, nginx_factory(gw, port)
+        return gw, nginx_factory(gw, port, read_timeout)
 
     return make
 
@@ -235,3 +236,35 @@ async def test_silent_direct_client_is_kept_next_to_nginx(behind_nginx) -> None:
             await asyncio.sleep(0.5)
     finally:
         client.kill()
+
+
+async def idle_terminal_lifetime(gw: GatewayProcess, nginx: Nginx, observe_s: float) -> float | None:
+    """Open a terminal, attach to it through nginx, stay idle, and return when that socket was closed
+    (None: still open).  The control connection is direct, so nginx's timeout does not cut it."""
+    async with RpcClient.connect(gw.url()) as client:
+        terminal = await client.call("terminal.open", argv=["/bin/cat"])
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        try:
+            async with websockets.connect(nginx.url(f"/gw{terminal['path']}?token={TOKEN}"), ping_interval=None) as pty:
+                while loop.time() - opened < observe_s:
+                    try:
+                        await asyncio.wait_for(pty.recv(), observe_s - (loop.time() - opened))
+                    except asyncio.TimeoutError:
+                        return None
+            return None
+        except websockets.ConnectionClosed:
+            return loop.time() - opened
+        finally:
+            await client.call("terminal.close", terminal_id=terminal["terminal_id"])
+
+
+async def test_nginx_read_timeout_cuts_idle_sockets_only_without_the_ping(behind_nginx) -> None:
+    """nginx closes an upgraded connection on which the gateway sent nothing for proxy_read_timeout (60 s
+    by default; 2 s here).  With the ping off (explicit 'none') an idle terminal is cut; with a ping
+    shorter than the timeout its frames keep the socket open (docs/deployment.md)."""
+    gw, nginx = behind_nginx("--ws-ping-interval", "none", "--ws-ping-timeout", "none", read_timeout="2s")
+    closed_after = await idle_terminal_lifetime(gw, nginx, observe_s=10.0)
+    assert closed_after is not None and closed_after >= 1.5, closed_after
+    gw, pinged = behind_nginx("--ws-ping-interval", "0.5", "--ws-ping-timeout", "5", read_timeout="2s")
+    assert await idle_terminal_lifetime(gw, pinged, observe_s=5.0) is None
