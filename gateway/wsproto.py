@@ -20,8 +20,11 @@ from websockets.http11 import Request
 
 from gateway import keepalive
 from gateway.config import Config
+from gateway.ratelog import RateLimitedLog
 
 logger = logging.getLogger("worker_gateway.keepalive")
+#: Malformed frames are a client's doing: one short line each, rate-limited (uvicorn logs a traceback).
+_frame_log = RateLimitedLog(logging.getLogger("worker_gateway.frames"))
 #: After the app is done with a connection, the transport is closed gracefully; one that has still not
 #: gone after this long (a peer that neither reads nor answers the close) is aborted.
 LINGER_ABORT_S = 20.0
@@ -54,12 +57,37 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:  # None when the handshake itself was malformed (answered 400 by websockets)
             scope["extensions"][keepalive.SCOPE_EXTENSION] = keepalive.to_scope(policy)
 
+    def _peer(self) -> str:
+        return "%s:%d" % self.client if self.client else "peer"
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type != "text":
+            super().send_receive_event_to_app()
+            return
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:  # past websocket.close: discard, as uvicorn does
+            return
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as exc:
+            # RFC 6455 section 8.1: fail the connection (1007).  One line, not uvicorn's traceback.
+            _frame_log.log(logging.WARNING, "%s: invalid UTF-8 in a text frame at byte %d: closing with 1007",
+                           self._peer(), exc.start)
+            self.conn.send_close(1007)
+            self.handle_parser_exception()
+            return
+        self.queue.put_nowait({"type": "websocket.receive", "text": text})
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
     def keepalive_timeout(self) -> None:
         self.pong_timer = None
         self.pending_ping_payload = None
         if self.disconnected:
             return
-        peer = "%s:%d" % self.client if self.client else "peer"
+        peer = self._peer()
         logger.info("%s: no pong within %gs of a keepalive ping (%s): aborting the connection",
                     peer, self.ping_timeout or 0, self.ping_policy.reason if self.ping_policy else "?")
         self._abort()
@@ -79,7 +107,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         self._linger_timer = None
         if not self.disconnected:
             logger.info("%s: connection still not closed %gs after its handler ended: aborting it",
-                        "%s:%d" % self.client if self.client else "peer", LINGER_ABORT_S + self.close_timeout)
+                        self._peer(), LINGER_ABORT_S + self.close_timeout)
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
