@@ -27,6 +27,7 @@ from gateway.config import Config, ConfigError
 from gateway import wire
 from gateway.loops import select_loop_factory
 from gateway.rootpath import RootPathMiddleware
+from gateway.httpproto import protocol_class as http_protocol_class
 from gateway.wsproto import protocol_class
 
 logger = logging.getLogger("worker_gateway.server")
@@ -194,6 +195,7 @@ def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
         # The per-connection keepalive (gateway/keepalive.py) is decided by this protocol class; the two
         # values below are only uvicorn's defaults, which the class overrides for every connection.
         ws=protocol_class(config),
+        http=http_protocol_class(config),  # request-head deadline and pending-connection cap (slowloris)
         ws_ping_interval=config.ws_ping_interval,
         ws_ping_timeout=config.ws_ping_timeout,
         ws_max_size=config.max_message_bytes,
