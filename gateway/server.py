@@ -24,7 +24,7 @@ import uvicorn
 
 from gateway.app import GatewayState, create_app
 from gateway.config import Config, ConfigError
-from gateway import wire
+from gateway import procfs, wire
 from gateway.loops import select_loop_factory
 from gateway.rootpath import RootPathMiddleware
 from gateway.httpproto import protocol_class as http_protocol_class
@@ -218,6 +218,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     # Workers inherit the environment: the token must not reach agent code (a `shell` prompt could print it).
     os.environ.pop("WORKER_GATEWAY_TOKEN", None)
+    # Nor /proc/<pid>/environ and /proc/<pid>/cmdline, which the pop above does not change.
+    procfs.erase_secret(config.token or "", "WORKER_GATEWAY_TOKEN")
     logging.addLevelName(TRACE_LEVEL, "TRACE")
     level = TRACE_LEVEL if config.log_level == "trace" else logging.getLevelName(config.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

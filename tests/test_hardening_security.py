@@ -136,3 +136,42 @@ def test_rate_limited_log_counts_what_it_drops(caplog) -> None:
         assert log.log(logging.WARNING, "after a second")
     assert written == [True, True, False, False, False]
     assert caplog.messages[-1] == "after a second (3 similar lines suppressed)"
+
+
+def test_token_spans_in_argv_and_environment_blocks() -> None:
+    from gateway.procfs import memory_bounds, secret_spans
+
+    argv = b"python\0-m\0gateway\0--token\0T0k\0--token=T0k\0--other\0xT0kx\0"
+    assert [argv[o:o + n] for o, n in secret_spans(argv, b"T0k")] == [b"T0k", b"T0k"]
+    env = b"PATH=/bin:T0k\0WORKER_GATEWAY_TOKEN=other\0T0k=1\0"
+    spans = secret_spans(env, b"T0k", b"WORKER_GATEWAY_TOKEN")
+    assert spans == [(env.index(b"=other\0") + 1, 5)]  # the variable's value (whatever it is), nothing else
+    stat = "123 (a b) c) S " + " ".join(str(n) for n in range(4, 53))
+    assert memory_bounds(stat) == (48, 49, 50, 51)
+    assert memory_bounds("1 (x) S 1 2") is None
+
+
+@pytest.mark.parametrize("via", ["flag", "flag=", "env", "flag+env"])
+def test_token_is_not_readable_from_proc(gateway_factory, via: str) -> None:
+    """Issue 13 section 6: other local users can read /proc/<pid>/cmdline; agents and shells running as the
+    user could read /proc/<gateway>/environ."""
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux /proc only")
+    if via == "env":
+        gw = gateway_factory(token=None, env={"WORKER_GATEWAY_TOKEN": TOKEN})
+    elif via == "flag+env":  # the flag wins, and the environment's (other) token is erased as well
+        gw = gateway_factory(token=TOKEN, env={"WORKER_GATEWAY_TOKEN": WRONG})
+    elif via == "flag=":
+        gw = gateway_factory(f"--token={TOKEN}", token=None)
+    else:
+        gw = gateway_factory(token=TOKEN)
+    for name in ("cmdline", "environ"):
+        with open(f"/proc/{gw.pid}/{name}", "rb") as f:
+            exposed = f.read()
+        assert TOKEN.encode() not in exposed and WRONG.encode() not in exposed, name
+    # And the token still works.
+    async def ping() -> dict:
+        async with RpcClient.connect(f"ws://127.0.0.1:{gw.port}/ws?token={TOKEN}") as client:
+            return await client.call("gateway.ping")
+    assert asyncio.run(ping()) == {"ok": True}
