@@ -91,13 +91,13 @@ class GatewayState:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
         }
 
-    def ready_event(self, ping: keepalive.PingPolicy) -> str:
+    def ready_event(self, ping: keepalive.PingPolicy | None = None) -> str:
         """``gateway.ready`` for one connection: ``ping`` is that connection's own keepalive policy."""
         return rpc.encode_event("gateway.ready", {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "epoch": self.epoch,
-            "ping": ping.as_wire(),
+            "ping": (ping or self.bind_ping_policy()).as_wire(),
         })
 
     def bind_ping_policy(self) -> keepalive.PingPolicy:
