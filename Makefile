@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean browser-deps chromium
+.PHONY: setup run test bench clean browser-deps chromium nginx
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/worker-gateway serve --host $(HOST) --port $(PORT)
 
-test: setup browser-deps
+test: setup browser-deps nginx
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Browser test dependencies (tests/test_browser.py): Playwright for Python, Debian's Chromium (Playwright's
@@ -55,6 +55,22 @@ chromium:
 	       DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; \
 	else \
 	  echo "warning: $(CHROMIUM) is missing and this is not root with apt-get: the browser test will be skipped" >&2; \
+	fi
+
+# Debian's nginx for tests/test_nginx.py (the gateway behind a real reverse proxy; each test starts its own
+# nginx on loopback with a temp config). Installed like chromium: as root with apt-get, else skipped.
+NGINX ?= /usr/sbin/nginx
+
+nginx:
+	@if [ -x $(NGINX) ] || command -v nginx >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's nginx"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null \
+	  || DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null \
+	  || { DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null && \
+	       DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx >/dev/null; }; \
+	else \
+	  echo "warning: nginx is missing and this is not root with apt-get: the nginx tests will be skipped" >&2; \
 	fi
 
 bench: setup

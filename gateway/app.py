@@ -22,13 +22,14 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainT
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway import PROTOCOL_VERSION, __version__, auth, rpc
+from gateway import PROTOCOL_VERSION, __version__, auth, keepalive, rpc
 from gateway.config import Config
 from gateway.connection import Connection
 from gateway.looplag import LoopLagMonitor
 from gateway.metrics import Metrics
 from gateway.methods import HANDLERS, CallContext, Components, Frames
 from gateway.ratelimit import TokenBucket
+from gateway.ratelog import RateLimitedLog
 from gateway.sessions import SessionRegistry
 from gateway.slash import SlashRunner  # noqa: F401  (imported so a broken slash module fails at start-up)
 from gateway.store import EventStore
@@ -36,6 +37,7 @@ from gateway.terminals import TerminalRegistry
 from workers.backends import WorkerBackend, create_backend
 
 logger = logging.getLogger("worker_gateway.app")
+_rejections = RateLimitedLog(logging.getLogger("worker_gateway.handshake"))
 STATIC_DIR = Path(__file__).parent / "static"
 #: Requests of one connection whose handlers may run at once (more wait unread in its socket).
 _MAX_INFLIGHT_PER_CONNECTION = 64
@@ -115,13 +117,22 @@ class GatewayState:
             "uptime_s": round(time.monotonic() - self.started_at, 3),
         }
 
-    def ready_event(self) -> str:
+    def ready_event(self, ping: keepalive.PingPolicy | None = None) -> str:
+        """``gateway.ready`` for one connection: ``ping`` is that connection's own keepalive policy."""
         return rpc.encode_event("gateway.ready", {
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "epoch": self.epoch,
-            "ping": {"interval": self.config.ws_ping_interval, "timeout": self.config.ws_ping_timeout},
+            "ping": (ping or self.bind_ping_policy()).as_wire(),
         })
+
+    def bind_ping_policy(self) -> keepalive.PingPolicy:
+        """The policy when the ASGI server recorded none for a connection (not our protocol class)."""
+        cfg = self.config
+        reason = (keepalive.PingReason.EXPLICIT if cfg.ping_explicit else
+                  keepalive.PingReason.LOOPBACK_PEER if cfg.ws_ping_interval is None else
+                  keepalive.PingReason.PUBLIC_BIND)
+        return keepalive.PingPolicy(cfg.ws_ping_interval, cfg.ws_ping_timeout, reason)
 
 
 def _header_map(scope_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -134,20 +145,39 @@ def _header_map(scope_headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
     return headers
 
 
+def _server_port(scope: Any) -> int | None:
+    server = scope.get("server")
+    return server[1] if server else None
+
+
 def _check(state: GatewayState, conn_scope: WebSocket | Request, require_token: bool = True) -> auth.Verdict:
-    raw_headers = conn_scope.scope["headers"]
+    scope = conn_scope.scope
+    raw_headers = scope["headers"]
     for singleton in (b"host", b"origin"):
         if sum(1 for name, _ in raw_headers if name.lower() == singleton) > 1:
-            return auth.Verdict(singleton.decode())  # ambiguous: which one would a check trust?
-    subprotocols = conn_scope.scope.get("subprotocols", []) if conn_scope.scope["type"] == "websocket" else []
-    return auth.check_handshake(state.config, _header_map(conn_scope.scope["headers"]),
-                                dict(conn_scope.query_params), subprotocols, require_token)
+            # Ambiguous: which one would a check trust?
+            return auth.Verdict(singleton.decode(), detail=f"the request has more than one {singleton.decode()} header")
+    subprotocols = scope.get("subprotocols", []) if scope["type"] == "websocket" else []
+    return auth.check_handshake(state.config, _header_map(raw_headers), dict(conn_scope.query_params),
+                                subprotocols, require_token, scheme=scope.get("scheme"),
+                                server_port=_server_port(scope))
 
 
-async def _reject(state: GatewayState, websocket: WebSocket, reason: str) -> None:
+def _log_rejection(conn_scope: WebSocket | Request, verdict: auth.Verdict) -> None:
+    """One line naming the failed check; the client is the real one when a trusted proxy said so."""
+    client = conn_scope.scope.get("client")
+    peer = f"{client[0]}:{client[1]}" if client else "?"
+    _rejections.log(logging.WARNING, "handshake rejected: %s %s from %s: %s check failed: %s",
+                    conn_scope.scope["type"], conn_scope.url.path, peer, verdict.reason, verdict.detail)
+
+
+async def _reject(state: GatewayState, websocket: WebSocket, verdict: auth.Verdict) -> None:
+    """HTTP 403 before ``accept`` (no frame exchanged), saying in the body which check failed and why."""
+    reason = verdict.reason or "token"
     state.metrics.handshake_rejections.labels(reason=reason).inc()
-    # Closing before accept makes uvicorn answer the handshake with HTTP 403.
-    await websocket.close()
+    _log_rejection(websocket, verdict)
+    body = f"forbidden: {reason} check failed: {verdict.detail}\n"
+    await websocket.send_denial_response(PlainTextResponse(body, status_code=403))
 
 
 async def _admit(websocket: WebSocket) -> auth.Verdict | None:
@@ -155,7 +185,7 @@ async def _admit(websocket: WebSocket) -> auth.Verdict | None:
     state: GatewayState = websocket.app.state.gateway
     verdict = _check(state, websocket)
     if not verdict.accepted:
-        await _reject(state, websocket, verdict.reason or "token")
+        await _reject(state, websocket, verdict)
         return None
     return verdict
 
@@ -166,7 +196,7 @@ async def ws_endpoint(websocket: WebSocket) -> None:
     if verdict is None:
         return
     if state.shutting_down:
-        await _reject(state, websocket, "shutting_down")
+        await _reject(state, websocket, auth.Verdict("shutting_down", detail="the gateway is shutting down"))
         return
     await websocket.accept(subprotocol=verdict.subprotocol)
     if len(state.connections) >= state.config.max_connections:
@@ -179,15 +209,14 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         return
     metrics = state.metrics
     config = state.config
-    stall_timeout = (config.ws_ping_interval + config.ws_ping_timeout
-                     if config.ws_ping_interval is not None and config.ws_ping_timeout is not None else None)
+    ping = keepalive.from_scope(websocket.scope, state.bind_ping_policy())
     conn = Connection(websocket, config.outbound_max_bytes, on_sent=metrics.bytes_sent.inc,
-                      stall_timeout=stall_timeout)
+                      stall_timeout=ping.stall_timeout)
     state.connections.add(conn)
     metrics.ws_connections.inc()
     metrics.ws_connections_total.inc()
     conn.start()
-    conn.send(state.ready_event())
+    conn.send(state.ready_event(ping))
     receiving = asyncio.get_running_loop().create_task(_receive_loop(state, websocket, conn),
                                                        name=f"ws-receiver-{conn.id}")
     try:
@@ -321,7 +350,9 @@ async def metrics_endpoint(request: Request) -> Response:
         verdict = _check(state, request)
         if not verdict.accepted:
             state.metrics.handshake_rejections.labels(reason=verdict.reason or "token").inc()
-            return PlainTextResponse("forbidden: /metrics needs the token (or --metrics-public)\n", status_code=403)
+            _log_rejection(request, verdict)
+            return PlainTextResponse(f"forbidden: /metrics needs the token (or --metrics-public): {verdict.reason} "
+                                     f"check failed: {verdict.detail}\n", status_code=403)
     body, content_type = state.metrics.render(state)
     return Response(body, media_type=content_type)
 
@@ -339,7 +370,13 @@ async def index(request: Request) -> Response:
     else:
         response = HTMLResponse("<!doctype html><title>worker-gateway</title><p>worker-gateway is running.</p>")
     if state.config.token and request.query_params.get("token"):
-        response.set_cookie(auth.COOKIE_NAME, state.config.token, httponly=True, samesite="strict", path="/")
+        # Never the token itself: an opaque value under a per-port name (see gateway/auth.py), limited to
+        # the gateway's path prefix behind a proxy, and Secure (``__Host-``/``__Secure-``) over https.
+        root = request.scope.get("root_path", "").rstrip("/")
+        secure = request.url.scheme == "https"
+        response.set_cookie(auth.cookie_name(_server_port(request.scope), secure, root),
+                            auth.cookie_value(state.config.token), httponly=True, samesite="strict",
+                            path=root + "/", secure=secure)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
@@ -349,11 +386,15 @@ async def static_file(request: Request) -> Response:
     state: GatewayState = request.app.state.gateway
     verdict = _check(state, request)
     if not verdict.accepted:
-        return PlainTextResponse("forbidden\n", status_code=403)
+        return PlainTextResponse(f"forbidden: {verdict.reason} check failed: {verdict.detail}\n", status_code=403)
     rel = request.path_params["path"]
     base = STATIC_DIR.resolve()
-    target = (base / rel).resolve()
-    if base not in target.parents or not target.is_file():
+    try:
+        target = (base / rel).resolve()
+        found = base in target.parents and target.is_file()
+    except (ValueError, OSError):  # a NUL byte (``/static/%00``), a name too long: no such file
+        found = False
+    if not found:
         return PlainTextResponse("not found\n", status_code=404)
     return FileResponse(target)
 

@@ -13,10 +13,13 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from gateway.rootpath import normalize_root_path
 
 logger = logging.getLogger("worker_gateway.config")
 
@@ -108,9 +111,20 @@ KNOBS: tuple[Knob, ...] = (
          "sessions go first", _MIB, None),
     Knob("detached_quota_bytes", int, 64 * _MIB, "bytes a running turn may add to the log while its session "
          "is detached; past it the turn blocks", 64 * 1024, None),
+    # --- edge: proxies, handshakes, slowloris (docs/deployment.md, docs/security.md) ---
+    Knob("forwarded_allow_ips", str, "127.0.0.1,::1",
+         "comma-separated proxy addresses or networks whose X-Forwarded-For / X-Forwarded-Proto set the client "
+         "address in logs and the scheme ('*' trusts every peer, 'none' no one)"),
+    Knob("root_path", str, "", "URL path prefix the gateway is served under behind a reverse proxy, e.g. /gw "
+         "(the proxy may strip it or not)"),
+    Knob("handshake_timeout_s", float, 10.0,
+         "seconds a new connection may take to send its request head (slow or silent ones are closed)", 0.1, 600),
+    Knob("max_pending_connections", int, 64,
+         "connections whose request head is not complete yet (beyond: the newest are closed at once)", 1, 100000),
 )
 
 _KNOBS_BY_NAME = {k.name: k for k in KNOBS}
+_ROOT_PATH_CHARS = re.compile(r"(/[A-Za-z0-9._~-]+)*")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _NONE = {"none", "off", "null", "disabled"}
@@ -251,6 +265,11 @@ class Config:
     retention_days: float = 30.0
     store_max_bytes: int = 1024 * _MIB
     detached_quota_bytes: int = 64 * _MIB
+    # --- edge ---
+    forwarded_allow_ips: str = "127.0.0.1,::1"
+    root_path: str = ""
+    handshake_timeout_s: float = 10.0
+    max_pending_connections: int = 64
 
     def __post_init__(self) -> None:
         if self.ping_explicit:
@@ -283,8 +302,31 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def normalized_root_path(self) -> str:
+        """``--root-path`` as ``/prefix`` without a trailing slash, or ``""``."""
+        return normalize_root_path(self.root_path)
+
+    @property
+    def trusted_proxies(self) -> list[str]:
+        """``--forwarded-allow-ips`` as uvicorn's ``forwarded_allow_ips`` list (empty: trust no one)."""
+        if self.forwarded_allow_ips.strip().lower() in _NONE:
+            return []
+        return [item.strip() for item in self.forwarded_allow_ips.split(",") if item.strip()]
+
     def validate(self) -> None:
         """Refuse combinations no fallback can make safe."""
+        if not _ROOT_PATH_CHARS.fullmatch(self.normalized_root_path):
+            raise ConfigError(f"--root-path {self.root_path!r} may hold only letters, digits and - . _ ~ / "
+                              "(e.g. --root-path /gw)")
+        for item in self.trusted_proxies:
+            if item == "*":
+                continue
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(f"--forwarded-allow-ips: {item!r} is not an IP address or network "
+                                  "(e.g. 127.0.0.1,::1 or 10.0.0.0/8, '*' for all, 'none')") from None
         if self.no_auth and not self.loopback:
             raise ConfigError(
                 f"--no-auth is refused on the non-loopback bind {self.host!r}: anyone who can reach it could "

@@ -24,9 +24,12 @@ import uvicorn
 
 from gateway.app import GatewayState, create_app
 from gateway.config import Config, ConfigError
-from gateway import wire
+from gateway import procfs, wire
 from gateway.loops import select_loop_factory
 from gateway.store.errors import StoreError
+from gateway.rootpath import RootPathMiddleware
+from gateway.httpproto import protocol_class as http_protocol_class
+from gateway.wsproto import protocol_class
 
 logger = logging.getLogger("worker_gateway.server")
 READY_PREFIX = wire.READY_LINE_PREFIX
@@ -122,6 +125,21 @@ def install_log_redaction(token: str | None) -> None:
         logging.getLogger(name).addFilter(redact)
 
 
+def _seconds(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}s"
+
+
+def describe_ping(cfg: Config) -> str:
+    """The keepalive policy in the start-up line, e.g. ``off for direct loopback peers, 20s/20s otherwise``."""
+    configured = f"{_seconds(cfg.ws_ping_interval)}/{_seconds(cfg.ws_ping_timeout)}"
+    if cfg.ping_explicit:
+        return "off" if cfg.ws_ping_interval is None else configured
+    if cfg.loopback:
+        return (f"off for direct loopback peers, {_seconds(wire.PUBLIC_PING_INTERVAL_S)}/"
+                f"{_seconds(wire.PUBLIC_PING_TIMEOUT_S)} for proxied or remote ones")
+    return configured
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn's server with our readiness announcement and a session-aware graceful shutdown."""
 
@@ -142,14 +160,13 @@ class GatewayServer(uvicorn.Server):
 
     def announce(self, port: int) -> None:
         cfg = self.gateway_config
-        base = f"http://{display_host(cfg.host)}:{port}/"
+        base = f"http://{display_host(cfg.host)}:{port}{cfg.normalized_root_path}/"
         if cfg.ready_file:
             write_ready_file(cfg.ready_file, port)
         sys.stdout.write(f"{READY_PREFIX} port={port} url={base}\n")
         sys.stdout.flush()
         dashboard = f"{base}?token={cfg.token}" if cfg.token else base
-        ping = ("off" if cfg.ws_ping_interval is None
-                else f"{cfg.ws_ping_interval:g}s/{cfg.ws_ping_timeout if cfg.ws_ping_timeout is not None else 'none'}s")
+        ping = describe_ping(cfg)
         print(f"worker-gateway: serving on {base} (agent {cfg.agent}, ping {ping}); dashboard: {dashboard}",
               file=sys.stderr, flush=True)
 
@@ -176,9 +193,19 @@ class GatewayServer(uvicorn.Server):
 
 
 def uvicorn_config(app: Any, config: Config) -> uvicorn.Config:
+    if config.normalized_root_path:
+        app = RootPathMiddleware(app, config.normalized_root_path)
+    trusted = config.trusted_proxies
     return uvicorn.Config(
         app,
         lifespan="on",
+        # Real client addresses in logs from X-Forwarded-For, only when the peer is a trusted proxy.
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
+        # The per-connection keepalive (gateway/keepalive.py) is decided by this protocol class; the two
+        # values below are only uvicorn's defaults, which the class overrides for every connection.
+        ws=protocol_class(config),
+        http=http_protocol_class(config),  # request-head deadline and pending-connection cap (slowloris)
         ws_ping_interval=config.ws_ping_interval,
         ws_ping_timeout=config.ws_ping_timeout,
         ws_max_size=config.max_message_bytes,
@@ -201,6 +228,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     # Workers inherit the environment: the token must not reach agent code (a `shell` prompt could print it).
     os.environ.pop("WORKER_GATEWAY_TOKEN", None)
+    # Nor /proc/<pid>/environ and /proc/<pid>/cmdline, which the pop above does not change.
+    procfs.erase_secret(config.token or "", "WORKER_GATEWAY_TOKEN")
     logging.addLevelName(TRACE_LEVEL, "TRACE")
     level = TRACE_LEVEL if config.log_level == "trace" else logging.getLevelName(config.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.auth import check_handshake, tokens_match
+from gateway.auth import check_handshake, cookie_name, cookie_value, tokens_match
 from gateway.config import Config
 
 LOOP = Config(host="127.0.0.1", token="sekrit")
@@ -74,3 +74,41 @@ def test_opaque_origins_need_listing_when_auth_is_off() -> None:
     listed = Config(host="127.0.0.1", no_auth=True, allow_origin="null")
     assert check(listed, {"host": "127.0.0.1:8765", "origin": "null"}) is None
     assert check(open_cfg, {"host": "127.0.0.1:8765", "origin": "http://127.0.0.1:8765"}) is None
+
+
+@pytest.mark.parametrize("origin, scheme, ok", [
+    ("http://127.0.0.1:8765", "ws", True),
+    ("http://127.0.0.1:8765", "http", True),
+    ("https://127.0.0.1:8765", "ws", False),  # an https page is not same-origin with an http bind
+    ("https://127.0.0.1:8765", "wss", True),  # ...but is behind TLS (X-Forwarded-Proto from a trusted proxy)
+    ("http://127.0.0.1:8765", "wss", False),
+])
+def test_origin_scheme_must_match_the_request(origin: str, scheme: str, ok: bool) -> None:
+    verdict = check_handshake(LOOP, {"host": "127.0.0.1:8765", "origin": origin}, {"token": "sekrit"}, scheme=scheme)
+    assert verdict.accepted is ok, verdict
+
+
+def test_every_rejection_says_what_to_change() -> None:
+    host = check_handshake(LOOP, {"host": "gw.example.com"}, {"token": "sekrit"})
+    assert host.reason == "host" and "gw.example.com" in host.detail and "Host: 127.0.0.1" in host.detail
+    origin = check_handshake(LOOP, {"host": "127.0.0.1:1", "origin": "http://evil.example"}, {"token": "sekrit"})
+    assert origin.reason == "origin" and "evil.example" in origin.detail and "--allow-origin" in origin.detail
+    token = check_handshake(LOOP, {"host": "127.0.0.1:1"}, {"token": "Guess-9f3a"})
+    assert token.reason == "token" and "Bearer" in token.detail and "Guess-9f3a" not in token.detail
+    long = check_handshake(LOOP, {"host": "x" * 5000}, {"token": "sekrit"})
+    assert len(long.detail) < 600  # a client's header is echoed bounded
+
+
+def test_dashboard_cookie_is_scoped_and_opaque() -> None:
+    assert cookie_name(8765) == "wg_token_8765"
+    assert cookie_name(8765, secure=True) == "__Host-wg_token_8765"
+    assert cookie_name(8765, secure=True, root_path="/gw") == "__Secure-wg_token_8765"
+    value = cookie_value("sekrit")
+    assert "sekrit" not in value and value == cookie_value("sekrit") and value != cookie_value("sekrit2")
+    host = {"host": "127.0.0.1:8765"}
+    for name in ("wg_token_8765", "__Host-wg_token_8765", "__Secure-wg_token_8765"):
+        assert check_handshake(LOOP, {**host, "cookie": f"{name}={value}"}, {}, server_port=8765).accepted, name
+    # Another gateway's cookie, the handle used as a token, and the token under the new name are refused.
+    assert check_handshake(LOOP, {**host, "cookie": f"wg_token_9999={value}"}, {}, server_port=8765).reason == "token"
+    assert check_handshake(LOOP, host, {"token": value}, server_port=8765).reason == "token"
+    assert check_handshake(LOOP, {**host, "cookie": "wg_token_8765=sekrit"}, {}, server_port=8765).reason == "token"

@@ -88,3 +88,18 @@ def test_log_level_is_validated() -> None:
     with pytest.raises(SystemExit):
         Config.load(["--log-level", "loud"], environ={})
     assert Config.load([], environ={"WORKER_GATEWAY_LOG_LEVEL": "loud"}).log_level == "info"
+
+
+def test_edge_knobs_parse_and_validate() -> None:
+    cfg = Config.load(["--root-path", "gw/", "--forwarded-allow-ips", "10.0.0.0/8, 127.0.0.1"], environ={})
+    cfg.validate()
+    assert cfg.normalized_root_path == "/gw"
+    assert cfg.trusted_proxies == ["10.0.0.0/8", "127.0.0.1"]
+    assert Config(forwarded_allow_ips="none").trusted_proxies == []
+    assert Config().trusted_proxies == ["127.0.0.1", "::1"] and Config().normalized_root_path == ""
+    for bad in (dict(root_path="/a b"), dict(root_path="/x?y"), dict(forwarded_allow_ips="proxy.example")):
+        with pytest.raises(ConfigError):
+            Config(**bad).validate()
+    env = Config.load([], environ={"WORKER_GATEWAY_HANDSHAKE_TIMEOUT_S": "2.5",
+                                   "WORKER_GATEWAY_MAX_PENDING_CONNECTIONS": "nope"})
+    assert env.handshake_timeout_s == 2.5 and env.max_pending_connections == 64  # malformed: the default

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import websockets
 
-from conftest import GatewayProcess, RpcClient
+from conftest import GatewayProcess, RpcClient, wait_for
 
 TOKEN = "Sekrit-Tok3n-for-log-checks-0123456789"
 WRONG = "Wr0ng-but-maybe-someones-real-token-9876"
@@ -101,3 +101,77 @@ async def test_no_auth_refuses_opaque_origins(gateway_factory) -> None:
     # A same-origin page (the dashboard itself) still works without a token.
     async with websockets.connect(f"ws://127.0.0.1:{gw.port}/ws", origin=f"http://127.0.0.1:{gw.port}") as ws:
         assert json.loads(await asyncio.wait_for(ws.recv(), 10))["params"]["type"] == "gateway.ready"
+
+
+async def test_invalid_utf8_frame_logs_one_short_line(gateway_factory) -> None:
+    """Issue 13 section 6: a client's invalid UTF-8 frame closes its connection with 1007 and costs the log
+    one short line (uvicorn logged a 580-byte traceback per frame); a flood of them is rate-limited."""
+    from websockets.frames import Frame, Opcode
+
+    gw = gateway_factory(token=TOKEN)
+    for _ in range(3):
+        async with websockets.connect(gw.url()) as ws:
+            await asyncio.wait_for(ws.recv(), 10)
+            ws.protocol.send_frame(Frame(Opcode.TEXT, b"\xff\xfe not utf-8"))
+            ws.send_data()
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+    wait_for(lambda: gw.stderr().count("invalid UTF-8") >= 3, 10, what="the three log lines")
+    lines = [line for line in gw.stderr().splitlines() if "invalid UTF-8" in line]
+    assert len(lines) == 3 and all(len(line) < 200 for line in lines), lines
+    assert "Traceback" not in gw.stderr()
+
+
+def test_rate_limited_log_counts_what_it_drops(caplog) -> None:
+    import logging
+
+    from gateway.ratelog import RateLimitedLog
+
+    now = [0.0]
+    log = RateLimitedLog(logging.getLogger("test.ratelog"), rate_per_s=1.0, burst=2, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, "test.ratelog"):
+        written = [log.log(logging.WARNING, "line %d", i) for i in range(5)]
+        now[0] += 1.0
+        assert log.log(logging.WARNING, "after a second")
+    assert written == [True, True, False, False, False]
+    assert caplog.messages[-1] == "after a second (3 similar lines suppressed)"
+
+
+def test_token_spans_in_argv_and_environment_blocks() -> None:
+    from gateway.procfs import memory_bounds, secret_spans
+
+    argv = b"python\0-m\0gateway\0--token\0T0k\0--token=T0k\0--other\0xT0kx\0"
+    assert [argv[o:o + n] for o, n in secret_spans(argv, b"T0k")] == [b"T0k", b"T0k"]
+    env = b"PATH=/bin:T0k\0WORKER_GATEWAY_TOKEN=other\0T0k=1\0"
+    spans = secret_spans(env, b"T0k", b"WORKER_GATEWAY_TOKEN")
+    assert spans == [(env.index(b"=other\0") + 1, 5)]  # the variable's value (whatever it is), nothing else
+    stat = "123 (a b) c) S " + " ".join(str(n) for n in range(4, 53))
+    assert memory_bounds(stat) == (48, 49, 50, 51)
+    assert memory_bounds("1 (x) S 1 2") is None
+
+
+@pytest.mark.parametrize("via", ["flag", "flag=", "env", "flag+env"])
+def test_token_is_not_readable_from_proc(gateway_factory, via: str) -> None:
+    """Issue 13 section 6: other local users can read /proc/<pid>/cmdline; agents and shells running as the
+    user could read /proc/<gateway>/environ."""
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("Linux /proc only")
+    if via == "env":
+        gw = gateway_factory(token=None, env={"WORKER_GATEWAY_TOKEN": TOKEN})
+    elif via == "flag+env":  # the flag wins, and the environment's (other) token is erased as well
+        gw = gateway_factory(token=TOKEN, env={"WORKER_GATEWAY_TOKEN": WRONG})
+    elif via == "flag=":
+        gw = gateway_factory(f"--token={TOKEN}", token=None)
+    else:
+        gw = gateway_factory(token=TOKEN)
+    for name in ("cmdline", "environ"):
+        with open(f"/proc/{gw.pid}/{name}", "rb") as f:
+            exposed = f.read()
+        assert TOKEN.encode() not in exposed and WRONG.encode() not in exposed, name
+    # And the token still works.
+    async def ping() -> dict:
+        async with RpcClient.connect(f"ws://127.0.0.1:{gw.port}/ws?token={TOKEN}") as client:
+            return await client.call("gateway.ping")
+    assert asyncio.run(ping()) == {"ok": True}
