@@ -149,7 +149,7 @@ def test_page_without_token_explains_how_to_sign_in(browser: Any, gateway: Gatew
         response = page.goto(gateway.http("/"))
         assert response is not None and response.status == 403
         assert "?token=" in page.content()
-        assert context.request.get(gateway.http("/static/app.js")).status == 403
+        assert context.request.get(gateway.http("/static/js/main.js")).status == 403
     finally:
         context.close()
 
@@ -259,7 +259,7 @@ def test_terminal_screen_is_restored_after_a_reconnect(dashboard: Dashboard) -> 
     # The gateway replays the terminal's recent output into a reset screen: shown once, not twice.
     wait_for_terminal_line(page, "before-42")
     assert terminal_lines(page).count("before-42") == 1
-    page.locator("#terminal .xterm").click()
+    page.locator("#terminal .term-view:not([hidden]) .xterm").click()
     page.keyboard.type("echo after-$((40+3))\n")
     wait_for_terminal_line(page, "after-43")
 
@@ -274,18 +274,18 @@ def open_terminal(dashboard: Dashboard) -> None:
     page.wait_for_function("() => (window.wgDebug.terminal() || {}).open"
                            " || /Could not/.test(document.querySelector('#term-status').textContent)")
     assert dashboard.debug("terminal()"), page.locator("#term-status").text_content()
-    page.wait_for_function("() => document.querySelector('#terminal .xterm-rows').innerText.trim() !== ''")
-    page.locator("#terminal .xterm").click()
+    page.wait_for_function("() => document.querySelector('#terminal .term-view:not([hidden]) .xterm-rows').innerText.trim() !== ''")
+    page.locator("#terminal .term-view:not([hidden]) .xterm").click()
 
 
 def terminal_lines(page: Any) -> list[str]:
-    return [row.strip() for row in page.locator("#terminal .xterm-rows").inner_text().split("\n")]
+    return [row.strip() for row in page.locator("#terminal .term-view:not([hidden]) .xterm-rows").inner_text().split("\n")]
 
 
 def wait_for_terminal_line(page: Any, line: str) -> None:
     """Wait until the terminal shows ``line`` as a whole line (xterm's rows, as rendered text)."""
     page.wait_for_function(
-        "(line) => document.querySelector('#terminal .xterm-rows').innerText.split('\\n')"
+        "(line) => document.querySelector('#terminal .term-view:not([hidden]) .xterm-rows').innerText.split('\\n')"
         ".some(row => row.trim() === line)", arg=line)
 
 
@@ -396,10 +396,11 @@ def test_keyboard_alone_creates_a_session_and_chats(dashboard: Dashboard) -> Non
     assert unlabelled == []
 
     order = []
-    for _ in range(6):
+    for _ in range(7):
         page.keyboard.press("Tab")
         order.append(page.evaluate("() => document.activeElement.id || document.activeElement.className"))
-    assert order[:5] == ["skip-link", "agent-select", "title-input", "create-button", "refresh-button"], order
+    assert order[:6] == ["skip-link", "agent-select", "title-input", "create-more-summary", "create-button",
+                         "refresh-button"], order
     outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
     assert outline not in ("", "none"), "the focused control has no visible focus outline"
 
