@@ -1,7 +1,7 @@
 // node --test: the page state kept in localStorage, its budget, and a storage that is full or corrupt.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { storageKey, encodeState, decodeState, PageStore } from "../../gateway/static/js/store.js";
+import { storageKey, encodeState, decodeState, PageStore, chooseOrphan, tabKey } from "../../gateway/static/js/store.js";
 
 const rec = (seq, text) => ({ type: "message.delta", seq, payload: { turn_id: "t1", text } });
 
@@ -13,10 +13,10 @@ test("one key per gateway: origin plus the page's directory", () => {
 });
 
 test("a round trip keeps sessions, logs, terminals and the current session", () => {
-  const state = { current: "s1", terminals: [{ id: "t9" }],
+  const state = { current: "s1", terminals: [{ id: "t9" }], closed: true, savedAt: 5,
     sessions: [{ id: "s1", lastSeq: 2, complete: true, chars: 5, log: [rec(1, "a"), rec(2, "b")] }] };
   const back = decodeState(encodeState(state));
-  assert.deepEqual(back, { version: 1, current: "s1", terminals: [{ id: "t9" }],
+  assert.deepEqual(back, { version: 1, current: "s1", terminals: [{ id: "t9" }], closed: true, savedAt: 5,
     sessions: [{ id: "s1", lastSeq: 2, log: [rec(1, "a"), rec(2, "b")] }] });
 });
 
@@ -44,20 +44,62 @@ test("corrupt, foreign or missing data decodes to an empty state", () => {
   }
 });
 
-test("PageStore keeps less when the storage is over its quota, and never throws", () => {
+function memoryStorage(limit = Infinity) {
   const data = new Map();
-  const storage = {
+  return {
+    get length() { return data.size; },
+    key: (i) => Array.from(data.keys())[i] ?? null,
     getItem: (k) => (data.has(k) ? data.get(k) : null),
-    setItem: (k, v) => { if (v.length > 600) throw new Error("QuotaExceededError"); data.set(k, v); },
-    removeItem: (k) => data.delete(k),
+    setItem: (k, v) => { if (v.length > limit) throw new Error("QuotaExceededError"); data.set(k, String(v)); },
+    removeItem: (k) => { data.delete(k); },
+    data,
   };
-  const store = new PageStore(storage, "k", 4000);
+}
+
+test("PageStore keeps less when the storage is over its quota, and never throws", () => {
+  const storage = memoryStorage(600);
+  const store = new PageStore(storage, "gw", "tab1", 4000);
   const log = Array.from({ length: 20 }, (_, i) => rec(i + 1, "z".repeat(40)));
   assert.equal(store.save({ sessions: [{ id: "s", lastSeq: 20, complete: true, chars: 800, log }] }), true);
   assert.deepEqual(store.load().sessions, [{ id: "s", lastSeq: 0, log: [] }]);
   store.clear();
   assert.deepEqual(store.load().sessions, []);
-  const broken = new PageStore({ getItem() { throw new Error("denied"); }, setItem() { throw new Error("denied"); } }, "k");
+  const broken = new PageStore({ getItem() { throw new Error("denied"); }, setItem() { throw new Error("denied"); } }, "gw", "t");
   assert.deepEqual(broken.load().sessions, []);
   assert.equal(broken.save({ sessions: [] }), false);
+});
+
+test("a reload finds its own tab's entry; another open tab's entry is never taken", () => {
+  const storage = memoryStorage();
+  const a = new PageStore(storage, "gw", "A", undefined, () => 1000);
+  const b = new PageStore(storage, "gw", "B", undefined, () => 2000);
+  a.save({ sessions: [{ id: "sa", lastSeq: 0, complete: true, log: [] }] });
+  b.save({ sessions: [{ id: "sb", lastSeq: 0, complete: true, log: [] }] });
+  assert.deepEqual(a.load().sessions.map((s) => s.id), ["sa"]);
+  const fresh = new PageStore(storage, "gw", "C", undefined, () => 3000);
+  assert.deepEqual(fresh.load().sessions, [], "both tabs are open: a new tab starts empty");
+});
+
+test("a new tab adopts the newest closed tab's entry, once", () => {
+  const storage = memoryStorage();
+  new PageStore(storage, "gw", "old", undefined, () => 1000).save({ sessions: [{ id: "s-old", lastSeq: 0, log: [] }] }, true);
+  new PageStore(storage, "gw", "new", undefined, () => 2000).save({ sessions: [{ id: "s-new", lastSeq: 0, log: [] }] }, true);
+  new PageStore(storage, "other-gw", "x", undefined, () => 3000).save({ sessions: [{ id: "s-x", lastSeq: 0, log: [] }] }, true);
+  const reopened = new PageStore(storage, "gw", "C", undefined, () => 4000);
+  assert.deepEqual(reopened.load().sessions.map((s) => s.id), ["s-new"]);
+  assert.equal(storage.getItem(tabKey("gw", "new")), null, "the adopted entry is now this tab's, not shared");
+  const another = new PageStore(storage, "gw", "D", undefined, () => 4000);
+  assert.deepEqual(another.load().sessions.map((s) => s.id), ["s-old"]);
+});
+
+test("chooseOrphan prunes entries past the TTL, open or closed", () => {
+  const entries = [
+    { key: "open-new", closed: false, savedAt: 95 },
+    { key: "open-ancient", closed: false, savedAt: 1 },
+    { key: "closed-ancient", closed: true, savedAt: 2 },
+    { key: "closed-1", closed: true, savedAt: 90 },
+    { key: "closed-2", closed: true, savedAt: 92 },
+  ];
+  assert.deepEqual(chooseOrphan(entries, 100, 50), { adopt: "closed-2", prune: ["open-ancient", "closed-ancient"] });
+  assert.deepEqual(chooseOrphan([], 100, 50), { adopt: null, prune: [] });
 });

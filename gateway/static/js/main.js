@@ -51,10 +51,27 @@ const app = {
   restoredTerminals: [],
 };
 const slashLedger = new SlashLedger();
-const store = new PageStore(safeLocalStorage(), storageKey(window.location.origin, window.location.pathname));
+const gatewayKey = storageKey(window.location.origin, window.location.pathname);
+const store = new PageStore(safeStorage("localStorage"), gatewayKey, tabId());
 
-function safeLocalStorage() {
-  try { return window.localStorage; } catch (e) { return null; } // disabled storage: nothing is remembered
+function safeStorage(name) {
+  try { return window[name]; } catch (e) { return null; } // disabled storage: nothing is remembered
+}
+
+/** This tab's id: sessionStorage keeps it across reloads (and a reopened tab), not across tabs. */
+function tabId() {
+  const tabs = safeStorage("sessionStorage");
+  const key = `${gatewayKey}#tab-id`;
+  try {
+    let id = tabs.getItem(key);
+    if (!id) {
+      id = Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
+      tabs.setItem(key, id);
+    }
+    return id;
+  } catch (e) {
+    return "default";
+  }
 }
 
 function sessionRecord(id, info) {
@@ -230,7 +247,7 @@ function persistable(rec) {
   return out;
 }
 
-function persistNow() {
+function persistNow(closing = false) {
   clearTimeout(persistTimer);
   persistTimer = null;
   const sessions = [];
@@ -245,7 +262,7 @@ function persistNow() {
   const terminals = Array.from(app.terminals.values()).filter((v) => !v.ended && v.id).map((v) => ({ id: v.id }));
   // Terminals remembered from before a reload that are not reattached yet stay remembered.
   for (const id of app.restoredTerminals) if (!terminals.some((t) => t.id === id)) terminals.push({ id });
-  store.save({ current: app.current, sessions, terminals });
+  store.save({ current: app.current, sessions, terminals }, closing === true);
 }
 
 /** Render what the page had before a reload; the sessions are resumed from there once connected. */
@@ -766,7 +783,8 @@ async function init() {
   });
   window.addEventListener("online", () => conn.goOnline());
   // pagehide (not beforeunload): it also fires when a tab is closed or put in the back/forward cache.
-  window.addEventListener("pagehide", persistNow);
+  window.addEventListener("pagehide", () => persistNow(true));
+  window.addEventListener("pageshow", (e) => { if (e.persisted) persistNow(false); }); // back from the bfcache
   setInterval(() => { if (!document.hidden) refreshList(); }, LIST_REFRESH_MS);
   await Promise.all([loadRich(), probeXterm()]); // rich text first, so restored records render as live ones
   document.body.dataset.rich = richAvailable() ? "on" : "off";
