@@ -154,6 +154,64 @@ def test_page_without_token_explains_how_to_sign_in(browser: Any, gateway: Gatew
         context.close()
 
 
+def test_sign_in_form_takes_the_token_without_putting_it_in_a_url(browser: Any, gateway: GatewayProcess) -> None:
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(gateway.http("/"))
+        page.get_by_label("Access token").fill("not-the-token")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("alert")).to_contain_text("not this gateway's token")
+        assert not context.cookies()
+        assert gateway.token
+        page.get_by_label("Access token").fill(gateway.token)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#conn-status")).to_have_attribute("data-state", "connected")
+        expect(page.get_by_label("Agent")).to_be_enabled()
+        assert page.url == gateway.http("/")
+        assert not any(gateway.token in url for url in requested), requested
+        cookie = {c["name"]: c for c in context.cookies()}["wg_token"]
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def _post_sign_in(gateway: GatewayProcess, body: bytes, origin: str | None) -> tuple[int, dict[str, str]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if origin:
+        headers["Origin"] = origin
+    try:
+        conn.request("POST", "/", body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_sign_in_post_checks_origin_size_and_token(gateway: GatewayProcess) -> None:
+    from urllib.parse import urlencode
+
+    good = urlencode({"token": gateway.token}).encode()
+    same_origin = f"http://127.0.0.1:{gateway.port}"
+    status, headers = _post_sign_in(gateway, good, same_origin)
+    assert status == 303 and headers["location"] == "./" and "httponly" in headers["set-cookie"].lower()
+    assert _post_sign_in(gateway, good, "http://evil.example")[0] == 403  # a cross-site form
+    assert _post_sign_in(gateway, urlencode({"token": "x" * 5000}).encode(), same_origin)[0] == 403
+    status, headers = _post_sign_in(gateway, b"token=wrong", same_origin)
+    assert status == 403 and "set-cookie" not in headers
+
+
 def test_echo_reply_streams_into_the_chat(dashboard: Dashboard) -> None:
     from playwright.sync_api import expect
 
