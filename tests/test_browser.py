@@ -31,6 +31,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]
 TIMEOUT_MS = 15_000
+#: The rows of the terminal on show (several can be open; the others are hidden).
+TERM_ROWS = "#terminal .term-view:not([hidden]) .xterm-rows"
 
 
 def _chromium() -> str | None:
@@ -332,12 +334,12 @@ def open_terminal(dashboard: Dashboard) -> None:
     page.wait_for_function("() => (window.wgDebug.terminal() || {}).open"
                            " || /Could not/.test(document.querySelector('#term-status').textContent)")
     assert dashboard.debug("terminal()"), page.locator("#term-status").text_content()
-    page.wait_for_function("() => document.querySelector('#terminal .term-view:not([hidden]) .xterm-rows').innerText.trim() !== ''")
+    page.wait_for_function(f"() => document.querySelector({TERM_ROWS!r}).innerText.trim() !== ''")
     page.locator("#terminal .term-view:not([hidden]) .xterm").click()
 
 
 def terminal_lines(page: Any) -> list[str]:
-    return [row.strip() for row in page.locator("#terminal .term-view:not([hidden]) .xterm-rows").inner_text().split("\n")]
+    return [row.strip() for row in page.locator(TERM_ROWS).inner_text().split("\n")]
 
 
 def wait_for_terminal_line(page: Any, line: str) -> None:

@@ -36,7 +36,8 @@ def parse_protocol_js(text: str) -> tuple[dict[str, dict[str, object]], dict[str
 
 
 def test_the_parser_reads_what_it_is_given() -> None:
-    objects, scalars = parse_protocol_js('export const A = 1;\nexport const B = Object.freeze({\n  X: "x",\n  Y: -2,\n});\n')
+    text = 'export const A = 1;\nexport const B = Object.freeze({\n  X: "x",\n  Y: -2,\n});\n'
+    objects, scalars = parse_protocol_js(text)
     assert objects == {"B": {"X": "x", "Y": -2}} and scalars == {"A": 1}
 
 
