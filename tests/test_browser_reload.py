@@ -205,3 +205,31 @@ def test_two_open_tabs_keep_their_own_sessions_across_reloads(dashboard: Dashboa
     attached_here(dashboard, "tab one")
     attached_here(other, "tab two")
     assert not other.errors, other.errors
+
+
+def test_a_terminal_nobody_is_attached_to_is_offered_for_reattach(browser: Any, dashboard: Dashboard) -> None:
+    from playwright.sync_api import expect
+
+    dashboard.open()
+    open_terminal(dashboard)
+    dashboard.page.keyboard.type("echo left-$((30+3))\n")
+    wait_for_terminal_line(dashboard.page, "left-33")
+    terminal_id = dashboard.debug("terminal()")["id"]
+    dashboard.page.close()  # its socket closes: the terminal waits for the grace period, unattached
+
+    context = browser.new_context(viewport={"width": 1100, "height": 720})  # another browser profile
+    try:
+        other = Dashboard(context.new_page(), context, dashboard.gateway)
+        other.open()
+        other.page.wait_for_function("() => window.wgDebug.terminalList() !== null")
+        if other.debug("terminalList()") is False:
+            pytest.skip("this gateway answers terminal.list with -32601 (method not found): nothing to discover")
+        other.page.get_by_role("tab", name="Terminal").click()
+        other.page.get_by_role("button", name=f"Reattach terminal {terminal_id}").click()
+        other.page.wait_for_function("(id) => (window.wgDebug.terminal() || {}).id === id"
+                                     " && window.wgDebug.terminal().open", arg=terminal_id)
+        wait_for_terminal_line(other.page, "left-33")
+        expect(other.page.get_by_role("button", name=f"Reattach terminal {terminal_id}")).to_have_count(0)
+        assert not other.errors, other.errors
+    finally:
+        context.close()

@@ -49,6 +49,7 @@ const app = {
   termAvailable: false,
   terminalListSupported: null, // null: not asked yet
   restoredTerminals: [],
+  otherTerminals: [], // from terminal.list: terminals nobody is attached to that this page does not show
 };
 const slashLedger = new SlashLedger();
 const gatewayKey = storageKey(window.location.origin, window.location.pathname);
@@ -187,11 +188,9 @@ async function onReady(payload) {
   await refreshList();
   updateControls();
   for (const view of app.terminals.values()) view.reconnect();
-  if (app.restoredTerminals.length) {
-    const ids = app.restoredTerminals;
-    app.restoredTerminals = [];
-    await restoreTerminals(ids);
-  }
+  const ids = app.restoredTerminals;
+  app.restoredTerminals = [];
+  await restoreTerminals(ids);
   schedulePersist();
 }
 
@@ -634,7 +633,7 @@ function showTerminal(id) {
 
 function renderTerminals() {
   const list = $("term-list");
-  list.replaceChildren(...Array.from(app.terminals.values()).map((view) => {
+  const shown = Array.from(app.terminals.values()).map((view) => {
     const li = el("li");
     const button = el("button", "term-pick small secondary", `Terminal ${view.id}${view.ended ? " (ended)" : ""}`);
     button.type = "button";
@@ -642,7 +641,30 @@ function renderTerminals() {
     button.addEventListener("click", () => { showTerminal(view.id); view.xterm.focus(); });
     li.append(button);
     return li;
-  }));
+  });
+  const others = app.otherTerminals.filter((t) => !app.terminals.has(t.terminal_id)).map((t) => {
+    const li = el("li");
+    const button = el("button", "term-reattach small secondary", `Reattach terminal ${t.terminal_id}`);
+    button.type = "button";
+    button.title = `pid ${t.pid}, ${t.cols}×${t.rows}, opened ${t.created_at || "earlier"}; nobody is attached to it`;
+    button.addEventListener("click", () => reattachTerminal(t.terminal_id));
+    li.append(button);
+    return li;
+  });
+  list.replaceChildren(...shown, ...others);
+}
+
+/** Show a terminal that terminal.list reported and nobody is attached to (opened by an earlier page). */
+async function reattachTerminal(id) {
+  try { await loadXterm(); } catch (e) { return; }
+  app.otherTerminals = app.otherTerminals.filter((t) => t.terminal_id !== id);
+  if (!app.terminals.has(id)) {
+    const view = newTerminalView();
+    app.terminals.set(id, view);
+    view.attach(id, false);
+  }
+  showTerminal(id);
+  schedulePersist();
 }
 
 async function openTerminal() {
@@ -685,14 +707,21 @@ async function closeTerminal() {
   $("term-open-button").focus();
 }
 
-/** Reattach the terminals the page had before a reload (terminal.list says which still exist). */
+/**
+ * Reattach the terminals the page had before a reload (terminal.list says which still exist), and offer
+ * the other terminals nobody is attached to.
+ */
 async function restoreTerminals(ids) {
-  if (!app.termAvailable) return;
+  if (!app.termAvailable || (app.terminalListSupported === false && !ids.length)) return;
   let live = null;
   try {
     const result = await conn.call(Method.TERMINAL_LIST);
-    live = new Set((result.terminals || []).map((t) => t.terminal_id));
+    const listed = Array.isArray(result.terminals) ? result.terminals : [];
+    live = new Set(listed.map((t) => t.terminal_id));
     app.terminalListSupported = true;
+    app.otherTerminals = listed.filter((t) => !t.attached && !ids.includes(t.terminal_id)
+      && !app.terminals.has(t.terminal_id));
+    renderTerminals();
   } catch (err) {
     // An older gateway without terminal.list: try each remembered terminal; 4404 says it is gone.
     if (err.code !== ErrorCode.METHOD_NOT_FOUND) { app.restoredTerminals = ids; return; }
