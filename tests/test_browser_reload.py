@@ -24,6 +24,8 @@ _BLOCKS = (".turn-prompt, .turn-time, .reply, .tool, .tool-call-name, .tool-call
            ".slash-cmd, .slash-output, .system-line")
 TRANSCRIPT_TEXT = (f"() => [...document.querySelectorAll('#transcript :is({_BLOCKS})')]"
                    ".map(e => e.className + ': ' + e.textContent).join('\\n')")
+# ... and as a person sees it (under 64 KiB every segment is laid out, so this does not depend on scrolling).
+TRANSCRIPT_SEEN = "() => document.querySelector('#transcript').innerText"
 
 
 def reload(board: Dashboard, session_id: str | None) -> None:
@@ -58,11 +60,13 @@ def test_reload_after_the_turn_keeps_the_transcript_and_the_session(dashboard: D
     assert page.locator("#transcript .turn").count() == 2, "/status went to the agent"
     page.wait_for_function("() => window.wgDebug.flushed()")
     before = page.evaluate(TRANSCRIPT_TEXT)
+    seen = page.evaluate(TRANSCRIPT_SEEN)
     stats_before = dashboard.debug(f"session({json.dumps(session_id)})")
 
     reload(dashboard, session_id)
     assert dashboard.debug("current()") == session_id
     assert page.evaluate(TRANSCRIPT_TEXT) == before
+    assert page.evaluate(TRANSCRIPT_SEEN) == seen
     stats = dashboard.debug(f"session({json.dumps(session_id)})")
     assert stats["lastSeq"] == stats_before["lastSeq"] and stats["gaps"] == 0, stats
     attached_here(dashboard, "kept")
@@ -88,8 +92,8 @@ def test_reload_in_the_middle_of_a_turn_loses_and_doubles_nothing(dashboard: Das
     dashboard.open()
     page = dashboard.page
     session_id = dashboard.create_session("load", title="mid-turn")
-    # 48 chunks of 4 KiB over ~6 s of CPU: the reload lands in the middle of the turn, even on a busy machine.
-    page.get_by_label("Prompt").fill("output_mb=0.1875 chunk_kb=4 cpu_s=6")
+    # 48 chunks of 1 KiB over ~6 s of CPU: the reload lands in the middle of the turn, even on a busy machine.
+    page.get_by_label("Prompt").fill("output_mb=0.046875 chunk_kb=1 cpu_s=6")
     page.get_by_label("Prompt").press("Enter")
     page.wait_for_function("(id) => window.wgDebug.session(id).lastSeq >= 5", arg=session_id)
     reload(dashboard, session_id)
@@ -107,8 +111,10 @@ def test_reload_in_the_middle_of_a_turn_loses_and_doubles_nothing(dashboard: Das
     assert dom_text == received
 
     before = page.evaluate(TRANSCRIPT_TEXT)
+    seen = page.evaluate(TRANSCRIPT_SEEN)
     reload(dashboard, session_id)
     assert page.evaluate(TRANSCRIPT_TEXT) == before
+    assert page.evaluate(TRANSCRIPT_SEEN) == seen
     attached_here(dashboard, "mid-turn")
 
 

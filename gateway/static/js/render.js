@@ -13,6 +13,7 @@ const FRAME_BUDGET_CHARS = 64 * 1024;      // text appended to the DOM per anima
 const SEGMENT_CHARS = 8 * 1024;            // text per block-level segment (see SessionView.appendText)
 const MARKDOWN_MAX_CHARS = 64 * 1024;      // a longer reply is shown as plain text (re-parsing costs)
 const MAX_TURNS_IN_DOM = 200;
+const LARGE_VIEW_CHARS = 64 * 1024;       // above this, off-screen segments skip layout (style.css .large)
 
 export function el(tag, cls, text) {
   const node = document.createElement(tag);
@@ -87,6 +88,7 @@ export class SessionView {
     this.domChars = 0;
     this.capped = true;
     this.hiddenChars = 0;        // text not in the DOM because of the cap
+    this.large = false;          // see LARGE_VIEW_CHARS
   }
 
   hasPending() {
@@ -220,6 +222,11 @@ export class SessionView {
       used += text.length;
     }
     if (this.capped) this.trim();
+    const large = !this.capped || this.domChars > LARGE_VIEW_CHARS;
+    if (large !== this.large) {
+      this.large = large;
+      this.root.classList.toggle("large", large);
+    }
     return used;
   }
 
@@ -245,7 +252,9 @@ export class SessionView {
       }
       const piece = offset === 0 && end === text.length ? text : text.slice(offset, end);
       let node;
-      if (target.ansi) {
+      // Until a block's first escape sequence its text is plain: a text node, no converter, no sanitiser.
+      if (target.ansi && !target.ansiSeen && piece.includes("\u001b")) target.ansiSeen = true;
+      if (target.ansiSeen) {
         node = document.createElement("span");
         node.innerHTML = target.ansi(piece);
       } else {
