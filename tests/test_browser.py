@@ -281,6 +281,8 @@ def test_help_slash_command_shows_its_output(dashboard: Dashboard) -> None:
     expect(block.locator(".slash-cmd")).to_have_text("/help")
     expect(block.locator(".slash-output")).to_contain_text("/help")
     expect(block).not_to_have_class(re.compile(r"failed"))
+    page.wait_for_function("() => window.wgDebug.flushed()")
+    expect(page.locator("#transcript .slash")).to_have_count(1)
     dashboard.screenshot("slash-help")
 
 

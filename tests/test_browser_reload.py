@@ -57,6 +57,8 @@ def test_reload_after_the_turn_keeps_the_transcript_and_the_session(dashboard: D
     page.get_by_label("Prompt").press("Enter")
     expect(page.locator("#transcript .slash .slash-cmd").last).to_have_text("/status")
     expect(page.locator("#transcript .slash-output").last).not_to_be_empty()
+    # Shown once, whether it came as a slash.result event, as the slash.exec response, or both.
+    expect(page.locator("#transcript .slash")).to_have_count(1)
     assert page.locator("#transcript .turn").count() == 2, "/status went to the agent"
     page.wait_for_function("() => window.wgDebug.flushed()")
     before = page.evaluate(TRANSCRIPT_TEXT)
