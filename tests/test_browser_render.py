@@ -168,3 +168,27 @@ def test_module_attr_agent_with_options_reaches_the_worker(dashboard: Dashboard)
     turn = send_prompt(dashboard, "report")
     expect(turn.locator(".reply")).to_contain_text(
         "[('model', 'tiny-model'), ('system', 'Be brief.'), ('temperature', 0.5)]")
+
+
+def test_a_module_attr_default_agent_is_shown_and_selectable(browser: Any, gateway_factory: Any) -> None:
+    from playwright.sync_api import expect
+
+    gateway = gateway_factory("--agent", "tests.agents_for_tests:options_echo")
+    context = browser.new_context(viewport={"width": 1100, "height": 720})
+    try:
+        board = Dashboard(context.new_page(), context, gateway)
+        board.open()
+        page = board.page
+        select = page.get_by_label("Agent")
+        expect(select).to_have_value("tests.agents_for_tests:options_echo")
+        expect(page.locator("#agent-default")).to_have_text("Default: tests.agents_for_tests:options_echo")
+        select.select_option("echo")
+        select.select_option("tests.agents_for_tests:options_echo")
+        page.get_by_role("button", name="Create session").click()
+        page.wait_for_function("() => window.wgDebug.current()")
+        turn = send_prompt(board, "which agent")
+        expect(turn.locator(".reply")).to_contain_text("[]")  # options_echo reports its (empty) options
+        expect(page.locator("#chat-title")).to_contain_text("options_echo")
+        assert not board.errors, board.errors
+    finally:
+        context.close()
