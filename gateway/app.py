@@ -293,8 +293,9 @@ async def index(request: Request) -> Response:
     URLs that proxies log); the page is then served with an HttpOnly cookie."""
     state: GatewayState = request.app.state.gateway
     posted = await _posted_token(request) if request.method == "POST" else None
-    if posted is not None and (not _check(state, request, require_token=False).accepted
-                               or (state.config.token and not auth.tokens_match(posted, state.config.token))):
+    if posted is not None and not _check(state, request, require_token=False).accepted:
+        return HTMLResponse(_login_html("This sign-in came from another site or host name."), status_code=403)
+    if posted is not None and state.config.token and not auth.tokens_match(posted, state.config.token):
         return HTMLResponse(_login_html("That is not this gateway's token."), status_code=403)
     if posted is not None:  # signed in: set the cookie and load the page with GET (no re-post on reload)
         response: Response = Response(status_code=303, headers={"Location": "./"})
