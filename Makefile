@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean browser-deps chromium nginx
+.PHONY: setup run test bench clean browser-deps chromium nginx js-test
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,20 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/worker-gateway serve --host $(HOST) --port $(PORT)
 
-test: setup browser-deps nginx
+test: setup browser-deps nginx js-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The dashboard's pure ES modules (gateway/static/js/: seq bookkeeping, pending calls, storage, options),
+# tested with node's own runner: no npm test framework, no build step.
+js-test:
+	@command -v node >/dev/null || { echo "node is needed for the dashboard's JavaScript tests (apt-get install nodejs)" >&2; exit 1; }
+	node --test tests/js/
+
 # Browser test dependencies (tests/test_browser.py): Playwright for Python, Debian's Chromium (Playwright's
-# own browser download is not used) and xterm.js from the npm registry, pinned by package-lock.json and
-# copied into the git-ignored gateway/static/vendor/.  `make run` needs none of this: without vendor/ the
-# dashboard works without its terminal tab and says why.
+# own browser download is not used) and the dashboard's front-end libraries from the npm registry (xterm.js
+# and its fit addon; ansi_up for ANSI colours; marked + DOMPurify for safe Markdown), pinned by
+# package-lock.json and copied into the git-ignored gateway/static/vendor/.  `make run` needs none of this:
+# without vendor/ the dashboard shows plain text, has no terminal tab, and says why.
 VENDOR        := gateway/static/vendor
 VENDOR_STAMP  := $(VENDOR)/.installed
 BROWSER_STAMP := $(VENV)/.browser-installed
@@ -44,6 +51,12 @@ $(VENDOR_STAMP): package.json package-lock.json
 	mkdir -p $(VENDOR)
 	cp node_modules/@xterm/xterm/lib/xterm.js node_modules/@xterm/xterm/css/xterm.css \
 	   node_modules/@xterm/addon-fit/lib/addon-fit.js node_modules/@xterm/xterm/LICENSE $(VENDOR)/
+	cp node_modules/ansi_up/ansi_up.js $(VENDOR)/ansi_up.js
+	cp node_modules/ansi_up/LICENSE $(VENDOR)/LICENSE-ansi_up
+	cp node_modules/marked/lib/marked.esm.js $(VENDOR)/marked.esm.js
+	cp node_modules/marked/LICENSE $(VENDOR)/LICENSE-marked
+	cp node_modules/dompurify/dist/purify.es.mjs $(VENDOR)/purify.es.js
+	cp node_modules/dompurify/LICENSE $(VENDOR)/LICENSE-dompurify
 	@touch $(VENDOR_STAMP)
 
 chromium:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import logging
 import secrets
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -358,13 +360,23 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def index(request: Request) -> Response:
-    """The dashboard.  The token arrives once in the URL; the page is then served with an HttpOnly cookie."""
+    """The dashboard.  The token arrives once (in the URL, or posted by the sign-in form, which keeps it out of
+    URLs that proxies log); the page is then served with an HttpOnly cookie."""
     state: GatewayState = request.app.state.gateway
+    posted = await _posted_token(request) if request.method == "POST" else None
+    if posted is not None and not _check(state, request, require_token=False).accepted:
+        return HTMLResponse(_login_html("This sign-in came from another site or host name."), status_code=403)
+    if posted is not None and state.config.token and not auth.tokens_match(posted, state.config.token):
+        return HTMLResponse(_login_html("That is not this gateway's token."), status_code=403)
+    if posted is not None:  # signed in: set the cookie and load the page with GET (no re-post on reload)
+        response: Response = Response(status_code=303, headers={"Location": "./"})
+        if state.config.token:
+            response.set_cookie(auth.COOKIE_NAME, state.config.token, httponly=True, samesite="strict", path="/")
+        return response
     verdict = _check(state, request)
     if not verdict.accepted:
-        return HTMLResponse(_LOGIN_HTML, status_code=403)
+        return HTMLResponse(_login_html(""), status_code=403, headers={"Cache-Control": "no-store"})
     page = STATIC_DIR / "index.html"
-    response: Response
     if page.is_file():
         response = FileResponse(page, media_type="text/html")
     else:
@@ -380,6 +392,16 @@ async def index(request: Request) -> Response:
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
+
+
+async def _posted_token(request: Request) -> str:
+    """The ``token`` field of the sign-in form (urlencoded, at most 4 KiB: anything else is no token)."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > 4096:
+            return ""
+    return urllib.parse.parse_qs(body.decode("utf-8", "replace")).get("token", [""])[0]
 
 
 async def static_file(request: Request) -> Response:
@@ -399,9 +421,18 @@ async def static_file(request: Request) -> Response:
     return FileResponse(target)
 
 
-_LOGIN_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>worker-gateway: sign in</title>
+def _login_html(error: str) -> str:
+    """The sign-in page: a plain form (no script: /static/ needs the token too) that posts the token."""
+    message = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
+    return f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>worker-gateway: sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"><meta name="referrer" content="no-referrer">
+<style>body{{font:15px/1.5 system-ui,sans-serif;max-width:36rem;margin:3rem auto;padding:0 1rem}}
+input{{font:inherit;width:100%;padding:4px}}button{{font:inherit;margin-top:8px}}.error{{color:#b42318}}</style>
 </head><body><main><h1>worker-gateway</h1><p>This page needs the access token. Open the URL that the gateway
-printed when it started (it ends with <code>?token=...</code>).</p></main></body></html>"""
+printed when it started (it ends with <code>?token=...</code>), or paste the token here:</p>{message}
+<form method="post"><label for="token">Access token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<button type="submit">Sign in</button></form></main></body></html>"""
 
 
 def create_app(config: Config) -> Starlette:
@@ -420,7 +451,7 @@ def create_app(config: Config) -> Starlette:
         routes=[
             Route("/healthz", healthz),
             Route("/metrics", metrics_endpoint),
-            Route("/", index),
+            Route("/", index, methods=["GET", "HEAD", "POST"]),
             Route("/static/{path:path}", static_file),
             WebSocketRoute("/ws", ws_endpoint),
             WebSocketRoute("/pty/{terminal_id}", pty_endpoint),

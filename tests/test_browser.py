@@ -31,6 +31,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update", "--disable-sync",
 ]
 TIMEOUT_MS = 15_000
+#: The rows of the terminal on show (several can be open; the others are hidden).
+TERM_ROWS = "#terminal .term-view:not([hidden]) .xterm-rows"
 
 
 def _chromium() -> str | None:
@@ -149,9 +151,67 @@ def test_page_without_token_explains_how_to_sign_in(browser: Any, gateway: Gatew
         response = page.goto(gateway.http("/"))
         assert response is not None and response.status == 403
         assert "?token=" in page.content()
-        assert context.request.get(gateway.http("/static/app.js")).status == 403
+        assert context.request.get(gateway.http("/static/js/main.js")).status == 403
     finally:
         context.close()
+
+
+def test_sign_in_form_takes_the_token_without_putting_it_in_a_url(browser: Any, gateway: GatewayProcess) -> None:
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(gateway.http("/"))
+        page.get_by_label("Access token").fill("not-the-token")
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("alert")).to_contain_text("not this gateway's token")
+        assert not context.cookies()
+        assert gateway.token
+        page.get_by_label("Access token").fill(gateway.token)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.locator("#conn-status")).to_have_attribute("data-state", "connected")
+        expect(page.get_by_label("Agent")).to_be_enabled()
+        assert page.url == gateway.http("/")
+        assert not any(gateway.token in url for url in requested), requested
+        cookie = {c["name"]: c for c in context.cookies()}["wg_token"]
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def _post_sign_in(gateway: GatewayProcess, body: bytes, origin: str | None) -> tuple[int, dict[str, str]]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    if origin:
+        headers["Origin"] = origin
+    try:
+        conn.request("POST", "/", body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_sign_in_post_checks_origin_size_and_token(gateway: GatewayProcess) -> None:
+    from urllib.parse import urlencode
+
+    good = urlencode({"token": gateway.token}).encode()
+    same_origin = f"http://127.0.0.1:{gateway.port}"
+    status, headers = _post_sign_in(gateway, good, same_origin)
+    assert status == 303 and headers["location"] == "./" and "httponly" in headers["set-cookie"].lower()
+    assert _post_sign_in(gateway, good, "http://evil.example")[0] == 403  # a cross-site form
+    assert _post_sign_in(gateway, urlencode({"token": "x" * 5000}).encode(), same_origin)[0] == 403
+    status, headers = _post_sign_in(gateway, b"token=wrong", same_origin)
+    assert status == 403 and "set-cookie" not in headers
 
 
 def test_echo_reply_streams_into_the_chat(dashboard: Dashboard) -> None:
@@ -221,6 +281,8 @@ def test_help_slash_command_shows_its_output(dashboard: Dashboard) -> None:
     expect(block.locator(".slash-cmd")).to_have_text("/help")
     expect(block.locator(".slash-output")).to_contain_text("/help")
     expect(block).not_to_have_class(re.compile(r"failed"))
+    page.wait_for_function("() => window.wgDebug.flushed()")
+    expect(page.locator("#transcript .slash")).to_have_count(1)
     dashboard.screenshot("slash-help")
 
 
@@ -259,7 +321,7 @@ def test_terminal_screen_is_restored_after_a_reconnect(dashboard: Dashboard) -> 
     # The gateway replays the terminal's recent output into a reset screen: shown once, not twice.
     wait_for_terminal_line(page, "before-42")
     assert terminal_lines(page).count("before-42") == 1
-    page.locator("#terminal .xterm").click()
+    page.locator("#terminal .term-view:not([hidden]) .xterm").click()
     page.keyboard.type("echo after-$((40+3))\n")
     wait_for_terminal_line(page, "after-43")
 
@@ -274,18 +336,18 @@ def open_terminal(dashboard: Dashboard) -> None:
     page.wait_for_function("() => (window.wgDebug.terminal() || {}).open"
                            " || /Could not/.test(document.querySelector('#term-status').textContent)")
     assert dashboard.debug("terminal()"), page.locator("#term-status").text_content()
-    page.wait_for_function("() => document.querySelector('#terminal .xterm-rows').innerText.trim() !== ''")
-    page.locator("#terminal .xterm").click()
+    page.wait_for_function(f"() => document.querySelector({TERM_ROWS!r}).innerText.trim() !== ''")
+    page.locator("#terminal .term-view:not([hidden]) .xterm").click()
 
 
 def terminal_lines(page: Any) -> list[str]:
-    return [row.strip() for row in page.locator("#terminal .xterm-rows").inner_text().split("\n")]
+    return [row.strip() for row in page.locator(TERM_ROWS).inner_text().split("\n")]
 
 
 def wait_for_terminal_line(page: Any, line: str) -> None:
     """Wait until the terminal shows ``line`` as a whole line (xterm's rows, as rendered text)."""
     page.wait_for_function(
-        "(line) => document.querySelector('#terminal .xterm-rows').innerText.split('\\n')"
+        "(line) => document.querySelector('#terminal .term-view:not([hidden]) .xterm-rows').innerText.split('\\n')"
         ".some(row => row.trim() === line)", arg=line)
 
 
@@ -396,10 +458,11 @@ def test_keyboard_alone_creates_a_session_and_chats(dashboard: Dashboard) -> Non
     assert unlabelled == []
 
     order = []
-    for _ in range(6):
+    for _ in range(7):
         page.keyboard.press("Tab")
         order.append(page.evaluate("() => document.activeElement.id || document.activeElement.className"))
-    assert order[:5] == ["skip-link", "agent-select", "title-input", "create-button", "refresh-button"], order
+    assert order[:6] == ["skip-link", "agent-select", "title-input", "create-more-summary", "create-button",
+                         "refresh-button"], order
     outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
     assert outline not in ("", "none"), "the focused control has no visible focus outline"
 
