@@ -371,7 +371,7 @@ async def index(request: Request) -> Response:
     if posted is not None:  # signed in: set the cookie and load the page with GET (no re-post on reload)
         response: Response = Response(status_code=303, headers={"Location": "./"})
         if state.config.token:
-            response.set_cookie(auth.COOKIE_NAME, state.config.token, httponly=True, samesite="strict", path="/")
+            _set_token_cookie(request, response, state.config.token)
         return response
     verdict = _check(state, request)
     if not verdict.accepted:
@@ -382,16 +382,19 @@ async def index(request: Request) -> Response:
     else:
         response = HTMLResponse("<!doctype html><title>worker-gateway</title><p>worker-gateway is running.</p>")
     if state.config.token and request.query_params.get("token"):
-        # Never the token itself: an opaque value under a per-port name (see gateway/auth.py), limited to
-        # the gateway's path prefix behind a proxy, and Secure (``__Host-``/``__Secure-``) over https.
-        root = request.scope.get("root_path", "").rstrip("/")
-        secure = request.url.scheme == "https"
-        response.set_cookie(auth.cookie_name(_server_port(request.scope), secure, root),
-                            auth.cookie_value(state.config.token), httponly=True, samesite="strict",
-                            path=root + "/", secure=secure)
+        _set_token_cookie(request, response, state.config.token)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
+
+
+def _set_token_cookie(request: Request, response: Response, token: str) -> None:
+    """Never the token itself: an opaque value under a per-port name (see gateway/auth.py), limited to the
+    gateway's path prefix behind a proxy, and Secure (``__Host-``/``__Secure-``) over https."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    secure = request.url.scheme == "https"
+    response.set_cookie(auth.cookie_name(_server_port(request.scope), secure, root), auth.cookie_value(token),
+                        httponly=True, samesite="strict", path=root + "/", secure=secure)
 
 
 async def _posted_token(request: Request) -> str:

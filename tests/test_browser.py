@@ -19,7 +19,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import ROOT, GatewayProcess, wait_for
+from gateway.auth import cookie_name
+from tests.conftest import ROOT, TOKEN, GatewayProcess, wait_for
 
 pytestmark = pytest.mark.browser
 
@@ -137,8 +138,9 @@ def test_token_moves_from_the_address_bar_to_an_httponly_cookie(dashboard: Dashb
     dashboard.open()
     assert "token" not in dashboard.page.url
     cookies = {c["name"]: c for c in dashboard.context.cookies()}
-    assert cookies["wg_token"]["httpOnly"] is True
-    assert cookies["wg_token"]["sameSite"] == "Strict"
+    name = cookie_name(dashboard.gateway.port)
+    assert cookies[name]["httpOnly"] is True and cookies[name]["sameSite"] == "Strict"
+    assert TOKEN not in cookies[name]["value"]  # useless to any other server on this host
     # The WebSocket authenticated with the cookie alone: the page knows the server's agents.
     options = dashboard.page.get_by_label("Agent").locator("option").all_text_contents()
     assert {"echo", "shell", "load"} <= set(options)
@@ -178,8 +180,8 @@ def test_sign_in_form_takes_the_token_without_putting_it_in_a_url(browser: Any, 
         expect(page.get_by_label("Agent")).to_be_enabled()
         assert page.url == gateway.http("/")
         assert not any(gateway.token in url for url in requested), requested
-        cookie = {c["name"]: c for c in context.cookies()}["wg_token"]
-        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+        cookie = {c["name"]: c for c in context.cookies()}[cookie_name(gateway.port)]
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict" and gateway.token not in cookie["value"]
         assert not errors, errors
     finally:
         context.close()

@@ -184,13 +184,33 @@ async function onReady(payload) {
   } catch (err) {
     showNotice(`gateway.info failed: ${err.message}`);
   }
-  await Promise.all(Array.from(app.sessions.values()).filter((s) => s.owned && !s.closed).map(resume));
+  // Resume only what is still live: with the session store, session.resume would also reopen a session
+  // that was closed meanwhile (elsewhere, or by the gateway), which is the user's call, not the page's.
+  let live = null;
+  try {
+    live = new Set((await conn.call(Method.SESSION_ACTIVE_LIST)).sessions.map((x) => x.session_id));
+  } catch (err) {
+    live = null;
+  }
+  const remembered = Array.from(app.sessions.values()).filter((s) => s.owned && !s.closed);
+  for (const s of remembered) {
+    if (live && !live.has(s.id)) forgetClosed(s);
+  }
+  await Promise.all(remembered.filter((s) => !s.closed).map(resume));
   await refreshList();
   updateControls();
   for (const view of app.terminals.values()) view.reconnect();
   const ids = app.restoredTerminals;
   app.restoredTerminals = [];
   await restoreTerminals(ids);
+  schedulePersist();
+}
+
+function forgetClosed(s) {
+  s.owned = false;
+  s.closed = true;
+  s.running = null;
+  record(s, { type: "local.note", payload: {}, text: "This session no longer exists on the gateway." });
   schedulePersist();
 }
 
@@ -207,9 +227,7 @@ async function resume(s) {
   } catch (err) {
     s.owned = false;
     if (err.code === ErrorCode.NOT_FOUND) {
-      s.closed = true;
-      s.running = null;
-      record(s, { type: "local.note", payload: {}, text: "This session no longer exists on the gateway." });
+      forgetClosed(s);
     } else if (s.id === app.current) {
       showNotice(`Could not resume the session: ${err.message}`);
     }
