@@ -189,3 +189,44 @@ async def test_a_detached_running_turn_runs_on_into_the_log(tmp_path: Path) -> N
             assert sum(len(e["payload"].get("text", "")) for e in events if e["type"] == "tool.output") >= 24 * 1024 * 1024
     finally:
         gw.stop()
+
+
+class _SmallDiskGateway(GatewayProcess):
+    """A gateway whose files may not grow past ``fsize`` bytes (RLIMIT_FSIZE, inherited by its store
+    writer): the database hits EFBIG the way a full disk gives ENOSPC."""
+
+    def __init__(self, fsize: int, *args: str) -> None:
+        super().__init__(*args)
+        self.fsize = fsize
+
+    def command(self) -> list[str]:
+        return ["prlimit", f"--fsize={self.fsize}", *super().command()]
+
+
+def _health(gw: GatewayProcess) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(gw.http("/healthz"), timeout=5) as response:
+        return json.loads(response.read())
+
+
+async def test_a_full_disk_fails_closed_and_loud(tmp_path: Path) -> None:
+    gw = _SmallDiskGateway(3 * 1024 * 1024, "--state-dir", str(tmp_path)).start()
+    try:
+        async with RpcClient.connect(gw.url()) as client:
+            sid = (await client.call("session.create", agent="load"))["session_id"]
+            await client.call("prompt.submit", session_id=sid, text="output_mb=16 chunk_kb=64")
+            await async_wait_for(lambda: _health(gw)["status"] == "degraded", 120, interval=0.2,
+                                 what="/healthz to report the store")
+            health = _health(gw)
+            assert health["reason"], health
+            refused = await client.request("session.create")
+            assert refused["error"]["code"] == 5003 and "store" in refused["error"]["message"]
+            # Nothing was shown that is not on disk: what the client got is gapless and the gateway lives.
+            seen = client.session_events(sid)
+            gapless(seen)
+            assert await client.call("gateway.ping") == {"ok": True}
+            assert seen[-1]["seq"] < 16 * 16 + 10  # far from the whole turn: delivery stopped at the disk
+    finally:
+        code = gw.stop(timeout=60)
+    assert code == 0
