@@ -70,3 +70,32 @@ def options_echo(options: dict[str, Any], cwd: str) -> Agent:
             return None
 
     return _Reporter(options, cwd)
+
+
+class TurnCounter(Agent):
+    """Counts its turns through ``snapshot``/``restore``: a fresh worker of the same session (after a
+    kill, a crash or a gateway restart) goes on counting where the last one left off.  The prompt
+    ``stick N`` holds the CPU for N seconds without looking at its cancel flag (only a kill stops it)."""
+
+    def __init__(self, options: Any, cwd: str) -> None:
+        super().__init__(options, cwd)
+        self.turns = 0
+        self.restored: Any = None
+
+    def restore(self, state: Any) -> None:
+        self.restored = state
+        self.turns = int(state["turns"])
+
+    def snapshot(self) -> Any:
+        return {"turns": self.turns}
+
+    def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
+        if text.startswith("stick"):
+            deadline = time.monotonic() + float(text.split()[1])
+            turn.delta("stuck")
+            while time.monotonic() < deadline:
+                pass
+            return None
+        self.turns += 1
+        turn.delta(f"turn {self.turns} pid {os.getpid()}")
+        return None

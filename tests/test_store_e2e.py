@@ -230,3 +230,36 @@ async def test_a_full_disk_fails_closed_and_loud(tmp_path: Path) -> None:
     finally:
         code = gw.stop(timeout=60)
     assert code == 0
+
+
+def _count_of(client: RpcClient, sid: str) -> tuple[int, int]:
+    """(turns counted, worker pid) from the TurnCounter's last reply."""
+    text = [e for e in client.session_events(sid, "message.delta")][-1]["payload"]["text"]
+    _, count, _, pid = text.split()
+    return int(count), int(pid)
+
+
+async def test_agent_state_survives_a_crash_and_an_interrupt_that_kills_the_worker(tmp_path: Path) -> None:
+    gw = start(tmp_path, "--interrupt-grace-s", "0.5")
+    try:
+        async with RpcClient.connect(gw.url()) as client:
+            sid = (await client.call("session.create", agent="agents_for_tests:TurnCounter"))["session_id"]
+            for _ in range(3):
+                assert (await client.run_turn(sid, "count"))["status"] == "ok"
+            assert _count_of(client, sid)[0] == 3
+            first_pid = _count_of(client, sid)[1]
+            # A turn stuck holding the CPU: the interrupt has to kill the worker and start a fresh one.
+            await client.call("prompt.submit", session_id=sid, text="stick 60")
+            await client.wait_event(sid, "message.delta", count=4)
+            assert (await client.call("session.interrupt", session_id=sid))["status"] == "interrupted"
+            assert (await client.run_turn(sid, "count"))["status"] == "ok"
+            count, pid = _count_of(client, sid)
+            assert count == 4 and pid != first_pid  # a new worker, the saved state restored
+            kill9(gw)
+        gw = start(tmp_path)
+        async with RpcClient.connect(gw.url()) as client:
+            await client.call("session.resume", session_id=sid, after_seq=0)
+            assert (await client.run_turn(sid, "count"))["status"] == "ok"
+            assert _count_of(client, sid)[0] == 5  # after a kill -9 and a restart: still counting
+    finally:
+        gw.stop()
