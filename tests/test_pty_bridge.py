@@ -185,7 +185,7 @@ async def test_warden_ends_watched_sessions_when_its_parent_dies(tmp_path: Path)
         assert warden.stdin is not None
         warden.stdin.write(f"+{pty.pid}\n".encode())
         warden.stdin.flush()
-        assert len(pty_bridge.session_processes(pty.pid)) == 2
+        assert len(pty_bridge.session_processes(pty.pid)) == 3  # keeper, sh, sleep
         stand_in.kill()
         stand_in.wait()
         await asyncio.wait_for(pty.wait(), 5.0)

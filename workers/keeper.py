@@ -25,7 +25,8 @@ import os
 import select
 import signal
 import time
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 from workers import contain
 
@@ -44,7 +45,7 @@ keeper_pid: int | None = None
 
 def fork_kept(*, gateway_pid: int, lifeline_fd: int | None, signals: Sequence[int], step_s: float,
               graceful_on_child_exit: bool, poll_s: float = 0.5, keep_stderr: bool = True,
-              child_own_group: bool = False) -> None:
+              child_own_group: bool = False, on_forked: Callable[[int], None] | None = None) -> None:
     """Split the calling session leader into a keeper and its kept child.  Returns in the child only; the
     keeper runs until the session is over and then exits the process (``os._exit``).
 
@@ -53,7 +54,8 @@ def fork_kept(*, gateway_pid: int, lifeline_fd: int | None, signals: Sequence[in
     ``graceful_on_child_exit``: whether what the child leaves behind gets the graceful sequence too (a
     terminal's background jobs) or is killed at once (an agent worker's).  ``keep_stderr``: False when
     fd 2 is a terminal the keeper must not hold open.  ``child_own_group``: the child leads a process group
-    of its own (inside the keeper's session), so that group is the child and what it starts."""
+    of its own (inside the keeper's session), so that group is the child and what it starts.
+    ``on_forked(child_pid)``: run in the keeper right after the fork, before it drops its descriptors."""
     global keeper_pid
     contain.become_subreaper()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -83,6 +85,8 @@ def fork_kept(*, gateway_pid: int, lifeline_fd: int | None, signals: Sequence[in
         return
     status = None
     try:
+        if on_forked is not None:
+            on_forked(child)
         status = _Keeper(child, gateway_pid, lifeline_fd, (wake_r, wake_w), received, tuple(signals), step_s,
                          graceful_on_child_exit, poll_s, keep_stderr).run()
     finally:
@@ -256,3 +260,47 @@ def _close_all_but(keep: set[int]) -> None:
     except (OSError, ValueError):
         high = 65536
     os.closerange(low, high)
+
+
+# A program on a terminal --------------------------------------------------------------------------------
+
+
+def run_program(argv: Sequence[str]) -> int:
+    """``keeper.py --parent-pid PID --step S --status-fd FD -- PROGRAM ARGS...``: keep ``PROGRAM`` (started
+    by ``pty_bridge`` as the session leader on a PTY).  One line goes to the status fd: ``ok <pid>`` once
+    the program is exec'd, or ``err <errno>`` if it could not be (then the keeper exits 127)."""
+    args = list(argv)
+    split = args.index("--")
+    opts, program = dict(zip(args[:split:2], args[1:split:2])), args[split + 1:]
+    gateway_pid, step_s, status_fd = int(opts["--parent-pid"]), float(opts["--step"]), int(opts["--status-fd"])
+    os.set_inheritable(status_fd, False)
+    exec_r, exec_w = os.pipe()  # close-on-exec: EOF without data means the exec succeeded
+
+    def report(child: int) -> None:
+        os.close(exec_w)
+        failure = b""
+        while chunk := os.read(exec_r, 64):
+            failure += chunk
+        os.close(exec_r)
+        line = f"err {failure.decode()}\n" if failure else f"ok {child}\n"
+        os.write(status_fd, line.encode())
+        os.close(status_fd)
+
+    fork_kept(gateway_pid=gateway_pid, lifeline_fd=None,
+              signals=(signal.SIGHUP, signal.SIGTERM, signal.SIGKILL), step_s=step_s,
+              graceful_on_child_exit=True, keep_stderr=False, on_forked=report)
+    os.close(exec_r)
+    os.close(status_fd)
+    try:
+        os.execvp(program[0], program)
+    except OSError as exc:
+        os.write(exec_w, str(exc.errno or 0).encode())
+    os._exit(127)
+
+
+if __name__ == "__main__":
+    # Run by path (``pty_bridge`` starts it): import the package copy, not a second module next to __main__.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from workers.keeper import run_program as _run_program
+
+    sys.exit(_run_program(sys.argv[1:]))
