@@ -305,6 +305,12 @@ class TerminalRegistry:
         if argv is not None and (not argv or not argv[0]):
             raise rpc.RpcError(rpc.INVALID_PARAMS, "param 'argv' of terminal.open must name a program "
                                "(a non-empty list); omit it for the user's shell", {"param": "argv"})
+        if argv is not None and any("\0" in arg for arg in argv):
+            raise rpc.RpcError(rpc.INVALID_PARAMS, "param 'argv' of terminal.open has an argument with a NUL "
+                               "character, which no program can receive; remove it", {"param": "argv"})
+        if "\0" in (params.get("cwd") or ""):
+            raise rpc.RpcError(rpc.INVALID_PARAMS, "param 'cwd' of terminal.open has a NUL character",
+                               {"param": "cwd"})
         argv = list(argv) if argv else default_argv()
         cwd = os.path.expanduser(params.get("cwd") or "~")
         if not os.path.isdir(cwd):

@@ -15,6 +15,7 @@ import pytest
 from gateway.config import Config
 from gateway.slash import SlashRunner, SlashState
 from conftest import pgid_members
+from worker_helpers import cpu_seconds, kept_child
 from test_slash_worker import FAKE_TOKEN, install_test_plugin
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
@@ -154,8 +155,10 @@ async def test_close_during_a_running_command_answers_it_at_once(runner_factory)
     await runner.exec("/help", SNAPSHOT)
     pid = runner.pid
     assert pid is not None
+    worker = kept_child(pid)  # the keeper's child runs the commands
+    idle_cpu = cpu_seconds(worker)  # start-up and /help are done: only the regex can add to this
     running = asyncio.create_task(runner.exec("/grep '(a+)+$' evil.txt", SNAPSHOT))
-    await eventually(lambda: psutil.Process(pid).cpu_times().user > 0.1, 10.0, "the regex to start")
+    await eventually(lambda: cpu_seconds(worker) - idle_cpu > 0.2, 10.0, "the regex to be in flight")
     started = time.monotonic()
     await runner.close()
     reply = await asyncio.wait_for(running, 5.0)

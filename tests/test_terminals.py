@@ -290,7 +290,8 @@ async def test_open_beyond_the_limit_is_4029_naming_the_limit(server_factory: Ca
 
 
 async def test_open_with_bad_argv_or_cwd_is_invalid_params(server: Server, tmp_path: Path) -> None:
-    for params in ({"argv": ["/nonexistent/program"]}, {"argv": []}, {"cwd": str(tmp_path / "missing")}):
+    for params in ({"argv": ["/nonexistent/program"]}, {"argv": []}, {"cwd": str(tmp_path / "missing")},
+                   {"argv": ["sh", "-c", "echo a\0b"]}, {"argv": ["s\0h"]}, {"cwd": str(tmp_path) + "\0x"}):
         with pytest.raises(rpc.RpcError) as err:
             await open_terminal(server.registry, tmp_path, **params)
         assert err.value.code == rpc.INVALID_PARAMS, params
