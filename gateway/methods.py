@@ -115,6 +115,10 @@ async def _terminal_close(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]
     return await _terminals(ctx).close(p)
 
 
+async def _terminal_list(ctx: CallContext, p: dict[str, Any]) -> dict[str, Any]:
+    return _terminals(ctx).list_terminals()
+
+
 HANDLERS: dict[str, Handler] = {
     "gateway.ping": _ping,
     "gateway.info": _info,
@@ -129,5 +133,6 @@ HANDLERS: dict[str, Handler] = {
     "terminal.open": _terminal_open,
     "terminal.resize": _terminal_resize,
     "terminal.close": _terminal_close,
+    "terminal.list": _terminal_list,
 }
 assert set(HANDLERS) == set(rpc.METHOD_PARAMS), "every method in rpc.METHOD_PARAMS needs a handler"

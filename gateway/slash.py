@@ -18,7 +18,7 @@ from typing import Any
 
 from gateway.config import Config
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
-from workers.pgroup import describe_exit
+from workers.process import describe_exit
 from workers.slash_process import SlashProcess, start_slash_worker
 
 logger = logging.getLogger("worker_gateway.slash")

@@ -26,6 +26,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from typing import Any, Coroutine
 
 from starlette.websockets import WebSocket
@@ -40,7 +41,7 @@ from pty_bridge import (
     default_argv,
     strip_terminal_queries,
 )
-from workers.pgroup import describe_exit
+from workers.process import describe_exit
 
 logger = logging.getLogger("worker_gateway.terminals")
 
@@ -114,6 +115,7 @@ class _Terminal:
     def __init__(self, terminal_id: str, pty: PtyProcess, loop: asyncio.AbstractEventLoop) -> None:
         self.id = terminal_id
         self.pty = pty
+        self.created_at = time.time()
         self.state = TerminalState.RUNNING
         self.attachment: _Attachment | None = None
         self.grace: asyncio.TimerHandle | None = None
@@ -339,6 +341,14 @@ class TerminalRegistry:
             await self._teardown(term, "the gateway is shutting down")
             raise rpc.RpcError(rpc.INTERNAL_ERROR, "the gateway is shutting down; no new terminals")
         return {"terminal_id": terminal_id, "pid": pty.pid, "path": f"/pty/{terminal_id}"}
+
+    def list_terminals(self) -> dict[str, Any]:
+        """``terminal.list``: the running terminals, oldest first, so a reloaded page can find its own."""
+        return {"terminals": [
+            {"terminal_id": t.id, "pid": t.pty.pid, "path": f"/pty/{t.id}", "cols": t.pty.cols,
+             "rows": t.pty.rows, "attached": t.attachment is not None, "created_at": t.created_at}
+            for t in sorted(self._terminals.values(), key=lambda t: t.created_at)
+            if t.state is TerminalState.RUNNING]}
 
     async def resize(self, params: dict[str, Any]) -> dict[str, Any]:
         self._get(params["terminal_id"]).pty.resize(params["cols"], params["rows"])

@@ -93,26 +93,28 @@ async def test_reparented_workers_keep_serving_when_the_forkserver_dies(supervis
     assert complete_of(await run_turn(again, "new"))["status"] == "ok"
 
 
-def test_watchdog_without_pidfds_polls_the_gateway_pid() -> None:
-    """Old kernels / other platforms: the watchdog polls instead of waiting on pidfds."""
+def test_keeper_without_pidfds_polls_the_gateway_pid() -> None:
+    """Old kernels / other platforms: the keeper polls the gateway's pid instead of waiting on a pidfd."""
     fake_gateway = subprocess.Popen(["sleep", "300"])
     script = textwrap.dedent(f"""
-        import os, sys, time
+        import os, signal, sys, time
         del os.pidfd_open
-        from workers.watchdog import start_watchdog
+        from workers import keeper
         os.setsid()
         r, w = os.pipe()  # this process holds the write end itself: the lifeline never hangs up
-        start_watchdog(gateway_pid={fake_gateway.pid}, lifeline_fd=r, poll_s=0.1)
+        keeper.fork_kept(gateway_pid={fake_gateway.pid}, lifeline_fd=r, signals=(signal.SIGTERM, signal.SIGKILL),
+                         step_s=1.0, graceful_on_child_exit=False, poll_s=0.1)
         print(os.getpid(), flush=True)
         time.sleep(300)
     """)
     worker = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env(), stdout=subprocess.PIPE)
     try:
-        pgid = int(worker.stdout.readline())
-        assert len(pgid_members(pgid)) == 2
+        child = int(worker.stdout.readline())
+        assert psutil.Process(child).ppid() == worker.pid and len(pgid_members(worker.pid)) == 2
         fake_gateway.kill()
         fake_gateway.wait()
-        assert worker.wait(timeout=2) == -signal.SIGKILL
+        assert worker.wait(timeout=2) == -signal.SIGKILL  # the keeper exits as its child was ended
+        assert not is_live(child)
     finally:
         for proc in (fake_gateway, worker):
             if proc.poll() is None:

@@ -298,6 +298,20 @@ async def test_open_with_bad_argv_or_cwd_is_invalid_params(server: Server, tmp_p
     assert server.registry.count == 0
 
 
+async def test_list_shows_each_running_terminal_and_whether_it_is_attached(server: Server, tmp_path: Path) -> None:
+    first = await open_terminal(server.registry, tmp_path, argv=SHELL, cols=100, rows=30)
+    second = await open_terminal(server.registry, tmp_path, argv=["sleep", "60"])
+    listed = server.registry.list_terminals()["terminals"]
+    assert [t["terminal_id"] for t in listed] == [first["terminal_id"], second["terminal_id"]]
+    assert {k: listed[0][k] for k in ("pid", "path", "cols", "rows", "attached")} == {
+        "pid": first["pid"], "path": first["path"], "cols": 100, "rows": 30, "attached": False}
+    assert listed[0]["created_at"] <= listed[1]["created_at"] <= time.time()
+    async with View.connect(server.url(first["terminal_id"])):
+        await eventually(lambda: server.registry.list_terminals()["terminals"][0]["attached"], 5.0, "attached")
+    await server.registry.close({"terminal_id": second["terminal_id"]})
+    assert [t["terminal_id"] for t in server.registry.list_terminals()["terminals"]] == [first["terminal_id"]]
+
+
 async def test_unknown_terminal_id_is_4001(server: Server) -> None:
     for call in (server.registry.resize({"terminal_id": "nope", "cols": 10, "rows": 10}),
                  server.registry.close({"terminal_id": "nope"})):

@@ -42,6 +42,19 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def describe_exit(returncode: int | None) -> str:
+    """A Popen-style return code (negative = killed by that signal) in words, for user-facing messages:
+    the one exit description of agent workers, slash workers and terminals."""
+    if returncode is None:
+        return "exit status unknown"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
 async def sweep_session(sid: int, timeout: float = SWEEP_S) -> bool:
     """SIGKILL whatever is left of session ``sid`` (off the loop); True when nothing is left."""
     left = await asyncio.to_thread(contain.kill_session, sid, timeout=timeout)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from workers import launch
-from workers.process import KeptProcess
+from workers.process import KeptProcess, describe_exit
 from workers.agents import registry
 from workers.channel import (
     DEFAULT_MAX_QUEUED_BYTES, ChannelError, Frame, FrameReader, FrameWriter, Kind, control_frame,
@@ -455,12 +455,4 @@ def _abandon_result(future: asyncio.Future[launch.SpawnedWorker]) -> None:
 def _describe(status: ExitStatus | None) -> str:
     if status is None:
         return "still running"
-    if status.signal is not None:
-        try:
-            name = signal.Signals(status.signal).name
-        except ValueError:
-            name = str(status.signal)
-        return f"killed by {name}"
-    if status.returncode is None:
-        return "exit status unknown"
-    return f"exit code {status.returncode}"
+    return describe_exit(-status.signal if status.signal is not None else status.returncode)
