@@ -1,7 +1,7 @@
-"""Terminals on pseudo-terminals: spawn, resize, replay cleaning, and teardown of the terminal's session.
+"""Terminals on pseudo-terminals: spawn under a session keeper, resize, and teardown of the terminal's session.
 
 The gateway owns the master side of each PTY and reads it non-blocking on its loop
-(``gateway/terminals.py``); this module owns the child.  ``PtyProcess.spawn`` starts ``argv`` on the
+(``gateway/terminals/``); this module owns the child.  ``PtyProcess.spawn`` starts ``argv`` on the
 slave as the leader of a new *session* (so also of a new process group) with the slave as its controlling
 terminal, which gives the shell job control and ``SIGWINCH`` on resize.
 
@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import enum
 import os
-import re
 import select
 import signal
 import struct
@@ -84,38 +83,6 @@ def terminal_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     if not env.get("TERM"):
         env["TERM"] = "xterm-256color"
     return env
-
-
-# Terminal *queries*: sequences a program writes to ask the terminal something.  Replayed to a fresh view,
-# they would make that view answer again, and the answer would arrive as garbage input at the shell prompt.
-# One literal prefix (ESC) lets ``re`` skip plain text at memchr speed; ENQ is removed with bytes.replace.
-_QUERY = re.compile(
-    rb"\x1b(?:"
-    rb"\[(?:"
-    rb"(?:[56]|\?[0-9;]*)n"                   # DSR: status (5n), cursor position (6n), DEC ?Ps n
-    rb"|[>=]?0?c"                             # DA1 / DA2 / DA3: device attributes
-    rb"|>0?q"                                 # XTVERSION
-    rb"|\??[0-9;]*\$[pwu]"                    # DECRQM, DECRQPSR, DECRQTSR
-    rb"|[01]?x"                               # DECREQTPARM
-    rb"|\?[0-9;]*[umS]"                       # kitty keyboard, XTQMODKEYS, XTSMGRAPHICS queries
-    rb"|(?:1[1345689]|2[01])(?:;[0-9]*)?t"    # XTWINOPS reports (window state, size, title)
-    rb")"
-    rb"|\][0-9]+;(?:[^\x07\x1b]{0,128};)?\?(?:\x07|\x1b\\)"  # OSC colour / clipboard queries (...;?)
-    rb"|P[$+]q[^\x1b]{0,512}\x1b\\"           # DECRQSS, XTGETTCAP
-    rb")"
-)
-_ENQ = b"\x05"  # answerback request
-
-
-def strip_terminal_queries(data: bytes) -> bytes:
-    """``data`` without complete terminal query sequences (DSR, DA, DECRQM, OSC ``?`` queries, ENQ, ...).
-
-    Only for *replayed* output: live output keeps its queries, since the program is waiting for the answer.
-    An incomplete sequence at the very end is kept: its tail is still to come live, so it is a live query.
-    Cost: well under 1 ms per MiB of plain text; ~0.1 us per escape sequence otherwise (~20 ms for a MiB
-    of a full-screen program's cursor-addressing output), paid once per connection, on attach.
-    """
-    return _QUERY.sub(b"", data.replace(_ENQ, b""))
 
 
 # Session membership ------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ class GatewayState:
         self.supervisor = Supervisor.from_config(self.config)
         await self.supervisor.start()
         self.sessions = SessionRegistry(self.config, self.supervisor, self.metrics)
-        self.terminals = TerminalRegistry(self.config)
+        self.terminals = TerminalRegistry(self.config, other_connections=lambda: len(self.connections))
 
     async def shutdown(self) -> None:
         """Close every session through the teardown funnel, then terminals and workers.  Idempotent."""
@@ -143,7 +143,8 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         await _reject(state, websocket, "shutting_down")
         return
     await websocket.accept(subprotocol=verdict.subprotocol)
-    if len(state.connections) >= state.config.max_connections:
+    pty_sockets = state.terminals.sockets if state.terminals is not None else 0  # they share the limit
+    if len(state.connections) + pty_sockets >= state.config.max_connections:
         # Accepted only to say why in a typed error; 1013 = try again later.
         state.metrics.handshake_rejections.labels(reason="connection_limit").inc()
         await websocket.send_text(rpc.encode_error(None, rpc.RpcError(

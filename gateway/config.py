@@ -93,6 +93,12 @@ KNOBS: tuple[Knob, ...] = (
     # Slash commands and terminals
     Knob("slash_timeout_s", float, 45.0, "seconds a slash command may run before its worker is killed", 0.1, 3600),
     Knob("terminal_grace_s", float, 300.0, "seconds a terminal outlives its dropped socket", 0, None),
+    # --- processes and terminals ---
+    Knob("terminal_input_stall_s", float, 30.0, "seconds a terminal's program may leave its input unread "
+         "while more is pending before the socket is dropped (then the grace applies)", 0.1, 3600),
+    Knob("terminal_attach_rate_per_s", float, 20.0, "/pty attaches per second, gateway-wide (token bucket)",
+         0.1, None),
+    Knob("terminal_attach_burst", int, 40, "/pty attaches allowed in a burst", 1, None),
 )
 
 _KNOBS_BY_NAME = {k.name: k for k in KNOBS}
@@ -208,6 +214,10 @@ class Config:
     max_json_depth: int = 32
     slash_timeout_s: float = 45.0
     terminal_grace_s: float = 300.0
+    # --- processes and terminals ---
+    terminal_input_stall_s: float = 30.0
+    terminal_attach_rate_per_s: float = 20.0
+    terminal_attach_burst: int = 40
 
     def __post_init__(self) -> None:
         if self.ping_explicit:

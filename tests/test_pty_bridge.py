@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pty_bridge
-from pty_bridge import PtyProcess, clamp_size, default_argv, strip_terminal_queries, terminal_env
+from gateway.terminals.queries import strip_terminal_queries
+from pty_bridge import PtyProcess, clamp_size, default_argv, terminal_env
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
 
@@ -50,7 +51,8 @@ def test_incomplete_query_at_the_end_is_kept_because_its_tail_is_still_live() ->
     assert strip_terminal_queries(b"prompt\x1b[") == b"prompt\x1b["
 
 
-@given(st.lists(st.one_of(st.binary(max_size=20).map(lambda b: b.replace(b"\x1b", b"").replace(b"\x05", b"")),
+@given(st.lists(st.one_of(st.binary(max_size=20).map(
+    lambda b: b.replace(b"\x1b", b"").replace(b"\x05", b"").replace(b"\x9b", b"")),
                           st.sampled_from(QUERIES)), max_size=30))
 def test_stripping_removes_every_query_and_keeps_all_text(parts: list[bytes]) -> None:
     text = b"".join(p for p in parts if p not in QUERIES)
