@@ -283,7 +283,7 @@ def test_random_params_for_random_methods_get_a_documented_answer(fuzzer: SyncRp
     elif "error" in response:
         assert response["error"]["code"] in (-32602, 4001), response
     else:
-        assert method in ("gateway.ping", "gateway.info", "session.active_list"), response
+        assert method in ("gateway.ping", "gateway.info", "session.active_list", "terminal.list"), response
 
 
 @fuzz_settings(60)

@@ -126,6 +126,19 @@ def live(pids: list[int]) -> list[int]:
     return out
 
 
+async def test_the_program_starts_with_no_signal_ignored(tmp_path: Path) -> None:
+    """Its keeper ignores terminal signals (and Python ignores SIGPIPE); none of that reaches the program."""
+    pty = await PtyProcess.spawn(["/bin/sh", "-c", "grep SigIgn /proc/self/status; sleep 60"], cwd=str(tmp_path))
+    screen = Screen(pty)
+    try:
+        match = await screen.expect(rb"SigIgn:\s*([0-9a-f]+)")
+        assert int(match.group(1), 16) == 0, match.group(0)
+        assert psutil.Process(pty.program_pid).ppid() == pty.pid  # the program is the keeper's child
+    finally:
+        await pty.terminate()
+        screen.close()
+
+
 @pytest.mark.skipif(BASH is None, reason="needs bash for job control")
 async def test_terminate_ends_background_jobs_in_their_own_process_groups(tmp_path: Path) -> None:
     pty = await PtyProcess.spawn([BASH, "--norc", "--noprofile", "-i"], cwd=str(tmp_path), cols=90, rows=20)

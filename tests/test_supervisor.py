@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -25,6 +27,11 @@ async def test_warm_worker_is_its_own_process_group_leader(supervisor: Superviso
     assert os.getpgid(handle.pid) == handle.pid != os.getpgrp()
     keeper = psutil.Process(handle.pid).ppid()  # the session's keeper: session leader and subreaper
     assert os.getsid(handle.pid) == keeper == os.getpgid(keeper) != handle.pid
+    status = Path(f"/proc/{handle.pid}/status").read_text()
+    ignored = int(re.search(r"SigIgn:\s*([0-9a-f]+)", status).group(1), 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1))  # Python's own default, kept...
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP):
+        assert not ignored & (1 << (sig - 1)), sig  # ...and none of what the keeper ignores
     assert psutil.Process(handle.pid).nice() > psutil.Process().nice()
     assert complete_of(await run_turn(handle, "hi there"))["status"] == "ok"
 

@@ -60,6 +60,7 @@ def fork_kept(*, gateway_pid: int, lifeline_fd: int | None, signals: Sequence[in
     contain.become_subreaper()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (*_HANDLED, *_IGNORED)}
     for sig in _HANDLED:
         signal.signal(sig, lambda signum, _frame: received.append(signum))
     for sig in _IGNORED:
@@ -74,8 +75,8 @@ def fork_kept(*, gateway_pid: int, lifeline_fd: int | None, signals: Sequence[in
             pass
     if child == 0:
         signal.set_wakeup_fd(-1)
-        for sig in (*_HANDLED, *_IGNORED):
-            signal.signal(sig, signal.SIG_DFL)
+        for sig, handler in previous.items():  # e.g. Python's own SIGPIPE ignore and SIGINT handler
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         os.close(wake_r)
         os.close(wake_w)
         contain.die_with_parent(signal.SIGKILL)
@@ -291,6 +292,8 @@ def run_program(argv: Sequence[str]) -> int:
               graceful_on_child_exit=True, keep_stderr=False, on_forked=report)
     os.close(exec_r)
     os.close(status_fd)
+    for sig in (*_IGNORED, signal.SIGXFSZ):  # an ignored signal stays ignored across exec: the program
+        signal.signal(sig, signal.SIG_DFL)   # gets the defaults a shell expects (as subprocess does)
     try:
         os.execvp(program[0], program)
     except OSError as exc:
