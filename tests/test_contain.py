@@ -49,8 +49,8 @@ def test_a_double_forked_setsid_process_is_found_below_the_keeper_and_killed() -
     keeper_proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
     try:
         int(keeper_proc.stdout.readline())
-        sleeper = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"]) if marker in p.info["cmdline"]],
-                           10, what="the escaped sleep")[0]
+        sleeper = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"])
+                                    if marker in (p.info["cmdline"] or [])], 10, what="the escaped sleep")[0]
         assert os.getsid(sleeper.pid) != keeper_proc.pid  # it left the keeper's session...
         assert sleeper.pid in {p.pid for p in contain.descendants(keeper_proc.pid)}  # ...but not its tree
         keeper_proc.send_signal(signal.SIGTERM)
