@@ -136,6 +136,23 @@ async def test_a_crashing_worker_is_reported_and_replaced(runner_factory, tmp_pa
     assert (await runner.exec("/help", SNAPSHOT))["ok"] is True
 
 
+async def test_a_process_a_command_left_in_its_own_session_ends_with_close(
+        runner_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("PYTHONPATH", str(install_test_plugin(tmp_path / "plugins")))
+    marker = f"6001.{os.getpid()}{int(time.monotonic() * 1000) % 100000}"
+    runner = runner_factory()
+    assert (await runner.exec(f"/escape {marker}", SNAPSHOT)) == {"ok": True, "output": "escaped"}
+
+    def escaped() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline", "status"])
+                if p.info["status"] != psutil.STATUS_ZOMBIE and marker in (p.info["cmdline"] or [])]
+
+    await eventually(escaped, 10.0, "the escaped sleep")
+    assert all(os.getsid(p.pid) != runner.pid for p in escaped())  # it left the worker's session
+    await runner.close()
+    await eventually(lambda: not escaped(), 10.0, "the escaped sleep to end with the worker")
+
+
 async def test_close_ends_the_group_is_idempotent_and_refuses_later_commands(
         runner_factory) -> None:  # type: ignore[no-untyped-def]
     runner = runner_factory()

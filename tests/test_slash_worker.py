@@ -37,6 +37,13 @@ def crash(ctx, args):
     """exit the worker abruptly (test plugin)"""
     os._exit(3)
 
+def escape(ctx, args):
+    """leave a process behind in a session of its own (test plugin)"""
+    import subprocess
+    subprocess.Popen(["setsid", "sh", "-c", f"sleep {args[0]} & exit 0"], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return "escaped"
+
 shout = Command("shout", "/shout WORDS", "say it louder (test plugin)", lambda ctx, args: " ".join(args).upper())
 '''
 
@@ -51,6 +58,7 @@ def install_test_plugin(root: Path) -> Path:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wg-test-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
         "[worker_gateway.slash]\nnap = wg_test_plugin:nap\ncrash = wg_test_plugin:crash\n"
+        "escape = wg_test_plugin:escape\n"
         "shout = wg_test_plugin:shout\nbroken = wg_test_plugin_missing:thing\nhelp = wg_test_plugin:nap\n")
     return root
 
@@ -244,7 +252,7 @@ def test_entry_point_commands_are_loaded_but_cannot_shadow_builtins(tmp_path: Pa
         w.stop()
 
 
-# Watchdog ----------------------------------------------------------------------------------------------
+# Parent death ----------------------------------------------------------------------------------------------
 
 
 def test_eof_on_requests_ends_the_group(worker: Worker, project: Path) -> None:
