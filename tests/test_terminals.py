@@ -25,6 +25,7 @@ import pty_bridge
 from gateway import rpc
 from gateway.config import Config
 from gateway.terminals import OUT_HIGH_WATER, TerminalRegistry
+from worker_helpers import kept_child
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
 
@@ -260,7 +261,7 @@ async def test_slow_socket_pauses_reading_and_the_program_blocks(server: Server,
         state = await eventually(lambda: (s := server.registry.describe(tid))["reader"] == "paused" and s,
                                  15.0, "the registry to stop reading the master fd")
         assert state["outbound_bytes"] <= OUT_HIGH_WATER + 65536
-        program = psutil.Process(opened["pid"])
+        program = kept_child(opened["pid"])  # the terminal's pid is its keeper's; `yes` is the child
         await eventually(lambda: program.status() == psutil.STATUS_SLEEPING, 5.0, "yes to block in write()")
         buffered = server.registry.describe(tid)["outbound_bytes"]
         for _ in range(10):  # stays bounded while nobody reads
