@@ -13,7 +13,6 @@ import contextlib
 import enum
 import os
 import random
-import signal
 import sys
 import time
 from collections.abc import Callable

@@ -33,9 +33,8 @@ from starlette.websockets import WebSocket
 from gateway import rpc, wire
 from gateway.config import Config
 from gateway.ratelimit import TokenBucket
-from gateway.terminals.pty_side import OUT_HIGH_WATER, TerminalState, Terminal
+from gateway.terminals.pty_side import Terminal, TerminalState
 from gateway.terminals.relay import close_quietly, relay
-from gateway.terminals.view import Attachment
 from pty_bridge import DEFAULT_COLS, DEFAULT_ROWS, PtyProcess, Warden, default_argv
 from workers.process import describe_exit
 
