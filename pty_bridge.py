@@ -1,7 +1,7 @@
-"""Terminals on pseudo-terminals: spawn, resize, replay cleaning, and teardown of the terminal's session.
+"""Terminals on pseudo-terminals: spawn under a session keeper, resize, and teardown of the terminal's session.
 
 The gateway owns the master side of each PTY and reads it non-blocking on its loop
-(``gateway/terminals.py``); this module owns the child.  ``PtyProcess.spawn`` starts ``argv`` on the
+(``gateway/terminals/``); this module owns the child.  ``PtyProcess.spawn`` starts ``argv`` on the
 slave as the leader of a new *session* (so also of a new process group) with the slave as its controlling
 terminal, which gives the shell job control and ``SIGWINCH`` on resize.
 
@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import enum
 import os
-import re
 import select
 import signal
 import struct
@@ -33,6 +32,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 import psutil
+
+from workers.process import KeptProcess
 
 if sys.platform != "win32":
     import fcntl
@@ -47,6 +48,7 @@ SIGNAL_STEP_S = 0.5
 _KILL_WAIT_S = 3.0
 _POLL_S = 0.025
 _WATCHDOG_FLOOR_S = 0.05
+KEEPER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "keeper.py")
 
 
 # Pure helpers ------------------------------------------------------------------------------------------
@@ -81,38 +83,6 @@ def terminal_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     if not env.get("TERM"):
         env["TERM"] = "xterm-256color"
     return env
-
-
-# Terminal *queries*: sequences a program writes to ask the terminal something.  Replayed to a fresh view,
-# they would make that view answer again, and the answer would arrive as garbage input at the shell prompt.
-# One literal prefix (ESC) lets ``re`` skip plain text at memchr speed; ENQ is removed with bytes.replace.
-_QUERY = re.compile(
-    rb"\x1b(?:"
-    rb"\[(?:"
-    rb"(?:[56]|\?[0-9;]*)n"                   # DSR: status (5n), cursor position (6n), DEC ?Ps n
-    rb"|[>=]?0?c"                             # DA1 / DA2 / DA3: device attributes
-    rb"|>0?q"                                 # XTVERSION
-    rb"|\??[0-9;]*\$[pwu]"                    # DECRQM, DECRQPSR, DECRQTSR
-    rb"|[01]?x"                               # DECREQTPARM
-    rb"|\?[0-9;]*[umS]"                       # kitty keyboard, XTQMODKEYS, XTSMGRAPHICS queries
-    rb"|(?:1[1345689]|2[01])(?:;[0-9]*)?t"    # XTWINOPS reports (window state, size, title)
-    rb")"
-    rb"|\][0-9]+;(?:[^\x07\x1b]{0,128};)?\?(?:\x07|\x1b\\)"  # OSC colour / clipboard queries (...;?)
-    rb"|P[$+]q[^\x1b]{0,512}\x1b\\"           # DECRQSS, XTGETTCAP
-    rb")"
-)
-_ENQ = b"\x05"  # answerback request
-
-
-def strip_terminal_queries(data: bytes) -> bytes:
-    """``data`` without complete terminal query sequences (DSR, DA, DECRQM, OSC ``?`` queries, ENQ, ...).
-
-    Only for *replayed* output: live output keeps its queries, since the program is waiting for the answer.
-    An incomplete sequence at the very end is kept: its tail is still to come live, so it is a live query.
-    Cost: well under 1 ms per MiB of plain text; ~0.1 us per escape sequence otherwise (~20 ms for a MiB
-    of a full-screen program's cursor-addressing output), paid once per connection, on attach.
-    """
-    return _QUERY.sub(b"", data.replace(_ENQ, b""))
 
 
 # Session membership ------------------------------------------------------------------------------------
@@ -189,17 +159,26 @@ class PtyState(enum.Enum):
 
 
 class PtyProcess:
-    """A program on a pseudo-terminal, leader of its own session.  Create with :meth:`spawn`.
+    """A program on a pseudo-terminal, under its session's keeper.  Create with :meth:`spawn`.
+
+    The keeper (``workers/keeper.py``) is the session leader on the PTY, a child subreaper, and the
+    program's parent: whatever the program starts, even with ``setsid`` or a double fork, stays below it,
+    and it ends all of it (SIGHUP, SIGTERM, SIGKILL, ``step_s`` apart) when asked, when the program exits,
+    or when the gateway dies.  ``pid`` is the keeper's: the terminal's session id.
 
     The caller owns ``master_fd`` for I/O (it sets up its own readers); this object owns the child and the
     fd's lifetime: :meth:`terminate` ends the session, :meth:`close_master` closes the fd (idempotent).
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process, master_fd: int, cols: int, rows: int) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, master_fd: int, cols: int, rows: int,
+                 program_pid: int, step_s: float) -> None:
         self._proc = proc
         self._master_fd: int | None = master_fd
         self.cols, self.rows = cols, rows
+        self.program_pid = program_pid
         self.state = PtyState.RUNNING
+        self._step_s = step_s
+        self._process = KeptProcess(proc.pid, proc.wait, lambda: proc.returncode)
 
     @classmethod
     async def spawn(
@@ -211,6 +190,8 @@ class PtyProcess:
         rows: int = DEFAULT_ROWS,
         env: Mapping[str, str] | None = None,
         nice: int = 0,
+        step_s: float = SIGNAL_STEP_S,
+        start_timeout_s: float = 30.0,
     ) -> PtyProcess:
         """Start ``argv`` on a new PTY.  Raises ``OSError`` (e.g. ``FileNotFoundError``) if it cannot start."""
         if sys.platform == "win32":
@@ -219,27 +200,45 @@ class PtyProcess:
             raise ValueError("argv is empty")
         cols, rows = clamp_size(cols, rows)
         master, slave = os.openpty()
+        status_r, status_w = os.pipe()
         try:
             _set_winsize(master, cols, rows)
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                sys.executable, KEEPER_SCRIPT, "--parent-pid", str(os.getpid()), "--step", str(step_s),
+                "--status-fd", str(status_w), "--", *argv,
                 stdin=slave, stdout=slave, stderr=slave,
                 cwd=cwd, env=terminal_env(env),
                 start_new_session=True,
-                pass_fds=(slave,),
+                pass_fds=(slave, status_w),
                 preexec_fn=_child_setup(slave, nice),
             )
         except BaseException:
             os.close(master)
+            os.close(status_r)
             raise
         finally:
             os.close(slave)  # the child has its copies; ours would keep the master from ever seeing EIO
+            os.close(status_w)
+        try:
+            line = await asyncio.wait_for(_read_status(status_r), start_timeout_s)
+        except BaseException:
+            os.close(master)
+            await KeptProcess(proc.pid, proc.wait, lambda: proc.returncode).aclose(step_s)
+            raise
+        finally:
+            os.close(status_r)
+        word, _, value = line.partition(" ")
+        if word != "ok":
+            os.close(master)
+            await proc.wait()
+            code = int(value) if value.strip().isdigit() else 0
+            raise OSError(code, os.strerror(code) if code else "the program could not be started", argv[0])
         os.set_blocking(master, False)
-        return cls(proc, master, cols, rows)
+        return cls(proc, master, cols, rows, int(value), step_s)
 
     @property
     def pid(self) -> int:
-        """The leader's pid, which is also the session id and the process group id."""
+        """The keeper's pid, which is also the terminal's session id."""
         return self._proc.pid
 
     @property
@@ -250,6 +249,7 @@ class PtyProcess:
 
     @property
     def returncode(self) -> int | None:
+        """The program's exit (the keeper exits with it, once the rest of the session is gone)."""
         return self._proc.returncode
 
     def resize(self, cols: int, rows: int) -> tuple[int, int]:
@@ -261,29 +261,19 @@ class PtyProcess:
         return cols, rows
 
     async def wait(self) -> int:
-        """Wait for the leader to exit (not for the rest of its session: see :meth:`terminate`)."""
+        """Wait for the program to exit and its keeper to have ended the rest of its session."""
         code = await self._proc.wait()
         if self.state is PtyState.RUNNING:
             self.state = PtyState.EXITED
         return code
 
-    async def terminate(self, step_s: float = SIGNAL_STEP_S) -> int | None:
-        """End every process of the terminal's session: SIGHUP, SIGTERM, SIGKILL, ``step_s`` apart, each
-        step skipped once nothing is left; then reap the leader.  Idempotent; never blocks the loop."""
+    async def terminate(self, step_s: float | None = None) -> int | None:
+        """End every process of the terminal's session (the keeper's SIGHUP, SIGTERM, SIGKILL, ``step_s``
+        apart), then sweep its session id.  Idempotent; never blocks the loop."""
         if self.state is PtyState.RUNNING:
             self.state = PtyState.TERMINATING
-        targets = _Targets(self.pid)
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGKILL):
-            left = targets.alive()
-            if not left:
-                break
-            _send(left, self.pid, sig)
-            if await _all_gone(targets, _KILL_WAIT_S if sig == signal.SIGKILL else step_s):
-                break
-        try:
-            code: int | None = await asyncio.wait_for(self._proc.wait(), _KILL_WAIT_S)
-        except asyncio.TimeoutError:  # a leader stuck in uninterruptible sleep: report, do not hang
-            code = None
+        step = self._step_s if step_s is None else step_s
+        code = await self._process.aclose(3 * step + _KILL_WAIT_S)
         self.state = PtyState.EXITED
         return code
 
@@ -294,14 +284,26 @@ class PtyProcess:
             os.close(fd)
 
 
-async def _all_gone(targets: _Targets, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if not targets.alive():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(_POLL_S)
+async def _read_status(fd: int) -> str:
+    """One line from the keeper's status pipe, read without blocking the loop ("" at EOF)."""
+    loop = asyncio.get_running_loop()
+    os.set_blocking(fd, False)
+    data = b""
+    while b"\n" not in data:
+        readable = loop.create_future()
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+        try:
+            chunk = os.read(fd, 256)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("ascii", "replace").strip()
 
 
 def _set_winsize(fd: int, cols: int, rows: int) -> None:

@@ -16,21 +16,24 @@ Commands are a registry: the built-ins below plus every entry point of the group
 raises :class:`SlashError` for a failure the user should read (``ok: false``).
 
 Commands run in this process and may hold the GIL for a long time (``/grep`` with a catastrophic regex
-never releases it), so the parent-death watchdog is not a thread but the shared forked watchdog process
-(``workers/watchdog.py``): it watches the request pipe for hang-up and the ``--parent-pid`` it was given
-(never ``getppid()``, so being re-parented while the gateway lives is not mistaken for its death), and
-kills the whole group when the gateway is gone.  At EOF on its requests the worker ends its group itself.
+never releases it), so parent death is watched not by a thread but by the session's keeper
+(``workers/keeper.py``), the process this one splits off at start-up: it watches the request pipe for
+hang-up and the ``--parent-pid`` it was given (never ``getppid()``, so being re-parented while the gateway
+lives is not mistaken for its death), and ends the whole session, including whatever a command started
+with ``setsid``, when the gateway is gone.  At EOF on its requests the worker has the keeper end it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import io
 import logging
 import os
 import re
 import shlex
 import signal
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ from typing import Any
 
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
 from workers.scrub import scrub
-from workers.watchdog import start_watchdog
+from workers import keeper
 
 logger = logging.getLogger("worker_gateway.slash_worker")
 
@@ -285,6 +288,22 @@ def _walk_files(ctx: SlashContext, root: Path) -> Iterator[Path]:
             yield path
 
 
+def _open_regular(path: Path) -> io.BufferedReader | None:
+    """``path`` opened for reading if it is a regular file, else None.  Opened non-blocking first, so even
+    a FIFO put in place after the walk saw a file cannot block the worker."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def _cmd_grep(ctx: SlashContext, args: list[str]) -> str:
     if not 1 <= len(args) <= 2:
         raise SlashError("usage: /grep PATTERN [PATH]")
@@ -302,13 +321,17 @@ def _cmd_grep(ctx: SlashContext, args: list[str]) -> str:
     stopped = ""
     for path in _walk_files(ctx, root):
         try:
-            if path.stat().st_size > GREP_MAX_FILE_BYTES:
-                skipped_large += 1
+            raw = _open_regular(path)
+            if raw is None:  # a FIFO, socket or device: reading it could block or never end
                 continue
-            with open(path, "rb") as fh:
-                if _looks_binary(fh.read(_BINARY_SNIFF)):
+            with raw:
+                if os.fstat(raw.fileno()).st_size > GREP_MAX_FILE_BYTES:
+                    skipped_large += 1
                     continue
-            with open(path, encoding="utf-8", errors="replace") as fh:
+                if _looks_binary(raw.read(_BINARY_SNIFF)):
+                    continue
+                raw.seek(0)
+                fh = io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
                 for lineno, line in enumerate(fh, 1):
                     if not pattern.search(line):
                         continue
@@ -367,7 +390,9 @@ def _claim_stdout() -> int:
 
 
 def _end_group() -> None:
-    os.killpg(os.getpgrp(), signal.SIGKILL)
+    """End this worker's session at once: its keeper SIGKILLs everything a command started."""
+    keeper.end_now()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -398,12 +423,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True, help="the gateway's pid (watched)")
     parser.add_argument("--poll", type=float, default=0.5, help=f"watchdog period, s (floor {WATCHDOG_FLOOR_S})")
     parser.add_argument("--nice", type=int, default=0, help="nice increment (keeps the gateway's loop first)")
+    parser.add_argument("--kill-grace", type=float, default=2.0, help="seconds between SIGTERM and SIGKILL")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="slash_worker %(levelname)s %(message)s")
     frames_fd = _claim_stdout()
-    start_watchdog(gateway_pid=args.parent_pid, lifeline_fd=0, poll_s=max(WATCHDOG_FLOOR_S, args.poll))
     if args.nice:
         os.nice(args.nice)
+    keeper.fork_kept(gateway_pid=args.parent_pid, lifeline_fd=0, signals=(signal.SIGTERM, signal.SIGKILL),
+                     step_s=args.kill_grace, graceful_on_child_exit=False,
+                     poll_s=max(WATCHDOG_FLOOR_S, args.poll))
     registry = build_registry()
     # Announce readiness so the gateway's per-command timeout never counts this interpreter's start-up.
     _write_all(frames_fd, control_frame("ready", {"pid": os.getpid()}))

@@ -85,7 +85,7 @@ class GatewayState:
         await self.backend.start()
         self.sessions = SessionRegistry(self.config, self.backend, self.metrics, self.store)
         await self.sessions.recover()
-        self.terminals = TerminalRegistry(self.config)
+        self.terminals = TerminalRegistry(self.config, other_connections=lambda: len(self.connections))
         self.components = Components(self.config, self.sessions, self.terminals, self.backend)
 
     async def shutdown(self) -> None:
@@ -201,7 +201,8 @@ async def ws_endpoint(websocket: WebSocket) -> None:
         await _reject(state, websocket, auth.Verdict("shutting_down", detail="the gateway is shutting down"))
         return
     await websocket.accept(subprotocol=verdict.subprotocol)
-    if len(state.connections) >= state.config.max_connections:
+    pty_sockets = state.terminals.sockets if state.terminals is not None else 0  # they share the limit
+    if len(state.connections) + pty_sockets >= state.config.max_connections:
         # Accepted only to say why in a typed error; 1013 = try again later.
         state.metrics.handshake_rejections.labels(reason="connection_limit").inc()
         await websocket.send_text(rpc.encode_error(None, rpc.RpcError(

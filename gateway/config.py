@@ -121,6 +121,12 @@ KNOBS: tuple[Knob, ...] = (
          "seconds a new connection may take to send its request head (slow or silent ones are closed)", 0.1, 600),
     Knob("max_pending_connections", int, 64,
          "connections whose request head is not complete yet (beyond: the newest are closed at once)", 1, 100000),
+    # --- processes and terminals ---
+    Knob("terminal_input_stall_s", float, 30.0, "seconds a terminal's program may leave its input unread "
+         "while more is pending before the socket is dropped (then the grace applies)", 0.1, 3600),
+    Knob("terminal_attach_rate_per_s", float, 20.0, "/pty attaches per second, gateway-wide (token bucket)",
+         0.1, None),
+    Knob("terminal_attach_burst", int, 40, "/pty attaches allowed in a burst", 1, None),
 )
 
 _KNOBS_BY_NAME = {k.name: k for k in KNOBS}
@@ -270,6 +276,10 @@ class Config:
     root_path: str = ""
     handshake_timeout_s: float = 10.0
     max_pending_connections: int = 64
+    # --- processes and terminals ---
+    terminal_input_stall_s: float = 30.0
+    terminal_attach_rate_per_s: float = 20.0
+    terminal_attach_burst: int = 40
 
     def __post_init__(self) -> None:
         if self.ping_explicit:

@@ -137,6 +137,10 @@ async def _terminal_close(ctx: CallContext, p: dict[str, Any]) -> Reply:
     return await ctx.components.terminals.close(p)
 
 
+async def _terminal_list(ctx: CallContext, p: dict[str, Any]) -> Reply:
+    return ctx.components.terminals.list_terminals()
+
+
 HANDLERS: dict[str, Handler] = {
     Method.PING: _ping,
     Method.INFO: _info,
@@ -154,5 +158,6 @@ HANDLERS: dict[str, Handler] = {
     Method.TERMINAL_OPEN: _terminal_open,
     Method.TERMINAL_RESIZE: _terminal_resize,
     Method.TERMINAL_CLOSE: _terminal_close,
+    Method.TERMINAL_LIST: _terminal_list,
 }
 assert set(HANDLERS) == set(rpc.METHOD_PARAMS), "every method in rpc.METHOD_PARAMS needs a handler"

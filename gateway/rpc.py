@@ -103,6 +103,7 @@ METHOD_PARAMS: dict[str, dict[str, Param]] = {
         "rows": _p("int", required=True),
     },
     "terminal.close": {"terminal_id": _p("string", required=True)},
+    "terminal.list": {},
 }
 
 

@@ -13,22 +13,17 @@ import asyncio
 import enum
 import logging
 import os
-import signal
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from gateway.config import Config
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
-from workers.pgroup import describe_exit, signal_group, wait_group_gone
+from workers.process import describe_exit
+from workers.slash_process import SlashProcess, start_slash_worker
 
 logger = logging.getLogger("worker_gateway.slash")
 
-WORKER_SCRIPT = Path(__file__).resolve().parent.parent / "slash_worker.py"
 _READ_CHUNK = 65536
-#: Bound on waiting for a SIGKILLed group to vanish (only a process stuck in the kernel takes longer).
-_KILL_WAIT_S = 5.0
 
 
 class SlashState(enum.Enum):
@@ -43,7 +38,7 @@ class _WorkerGone(Exception):
 
 @dataclass
 class _Worker:
-    proc: asyncio.subprocess.Process
+    proc: SlashProcess
     decoder: FrameDecoder = field(default_factory=FrameDecoder)
     stopping: asyncio.Task[None] | None = None
 
@@ -104,7 +99,7 @@ class SlashRunner:
                 return _failure(f"the slash worker died while running {name} ({detail}); "
                                 "the next command starts a fresh one")
             except BaseException:
-                signal_group(worker.pid, signal.SIGKILL)
+                worker.proc.kill()
                 self._forget(worker)
                 raise
 
@@ -123,16 +118,9 @@ class SlashRunner:
             return self._worker
         if self._worker is not None:  # died between commands: make sure nothing of its group is left
             await self._stop(self._worker, grace_s=0.0)
-        env = {k: v for k, v in os.environ.items() if k != "WORKER_GATEWAY_TOKEN"}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, str(WORKER_SCRIPT),
-            "--parent-pid", str(os.getpid()),
-            "--poll", str(self._config.watchdog_poll_s),
-            "--nice", str(self._config.worker_nice),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            cwd=self._cwd if os.path.isdir(self._cwd) else None,
-            env=env, start_new_session=True,
-        )
+        proc = await start_slash_worker(cwd=self._cwd, gateway_pid=os.getpid(),
+                                        poll_s=self._config.watchdog_poll_s, nice=self._config.worker_nice,
+                                        kill_grace_s=self._config.kill_grace_s)
         worker = _Worker(proc)
         self._worker = worker
         try:
@@ -181,19 +169,7 @@ class SlashRunner:
         await asyncio.shield(worker.stopping)
 
     async def _stop_worker(self, worker: _Worker, grace_s: float) -> None:
-        proc = worker.proc
-        if proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.close()  # EOF alone makes the worker (or its sentinel) end the group at once
-        if grace_s > 0:
-            signal_group(worker.pid, signal.SIGTERM)
-            await wait_group_gone(worker.pid, grace_s)
-        signal_group(worker.pid, signal.SIGKILL)
-        if not await wait_group_gone(worker.pid, _KILL_WAIT_S):
-            logger.warning("slash worker group %d still has live processes after SIGKILL", worker.pid)
-        try:
-            await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
-        except asyncio.TimeoutError:
-            logger.warning("slash worker %d was not reaped within %.0f s", worker.pid, _KILL_WAIT_S)
+        await worker.proc.aclose(grace_s)
         self._forget(worker)
 
     def _forget(self, worker: _Worker) -> None:

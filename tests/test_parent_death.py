@@ -43,7 +43,7 @@ async def test_sigkill_of_the_owning_process_ends_all_its_workers() -> None:
         everything = set(p.pid for p in psutil.Process(owner.pid).children(recursive=True))
         for leader in (pids["shell"], pids["regex"], *pids["pool"]):
             everything.update(pgid_members(leader))
-        assert len(pgid_members(pids["shell"])) >= 4  # worker, watchdog, sh, two sleeps
+        assert len(pgid_members(pids["shell"])) >= 3  # worker, sh, two sleeps (the keeper is outside)
         owner.kill()
         await owner.wait()
         await wait_until(lambda: not any(is_live(pid) for pid in everything), 3,
@@ -57,7 +57,7 @@ async def test_sigkill_of_the_owning_process_ends_all_its_workers() -> None:
 async def test_worker_ends_its_group_when_the_control_pipe_closes(supervisor: Supervisor) -> None:
     handle = await supervisor.acquire("shell", {}, None, "s1")
     complete_of(await run_turn(handle, "sleep 300 &"))
-    assert len(pgid_members(handle.pid)) >= 3
+    assert len(pgid_members(handle.pid)) >= 2  # the worker and the sleep (its keeper is outside the group)
     handle._writer.close()  # what the kernel does to every pipe when the gateway dies
     await wait_until(lambda: not pgid_members(handle.pid), 2, "the group to end")
     assert (await asyncio.wait_for(handle.wait(), 2)).signal == signal.SIGKILL
@@ -69,13 +69,13 @@ async def test_control_pipe_hangup_is_noticed_while_the_gil_is_held(supervisor: 
     worker = psutil.Process(handle.pid)
     await wait_until(lambda: sum(worker.cpu_times()[:2]) > 0.3, 10, "the regex to be running")
     handle._writer.close()
-    await wait_until(lambda: not pgid_members(handle.pid), 2, "the watchdog to end the group")
+    await wait_until(lambda: not pgid_members(handle.pid), 2, "the keeper to end the group")
 
 
 async def test_worker_death_takes_its_group_along(supervisor: Supervisor) -> None:
     handle = await supervisor.acquire("shell", {}, None, "s1")
     complete_of(await run_turn(handle, "sleep 300 &"))
-    os.kill(handle.pid, signal.SIGKILL)  # not stop(): nobody signals the group but the watchdog
+    os.kill(handle.pid, signal.SIGKILL)  # not stop(): nobody signals the group but the keeper
     await wait_until(lambda: not pgid_members(handle.pid), 2, "the group to end")
 
 
@@ -93,26 +93,28 @@ async def test_reparented_workers_keep_serving_when_the_forkserver_dies(supervis
     assert complete_of(await run_turn(again, "new"))["status"] == "ok"
 
 
-def test_watchdog_without_pidfds_polls_the_gateway_pid() -> None:
-    """Old kernels / other platforms: the watchdog polls instead of waiting on pidfds."""
+def test_keeper_without_pidfds_polls_the_gateway_pid() -> None:
+    """Old kernels / other platforms: the keeper polls the gateway's pid instead of waiting on a pidfd."""
     fake_gateway = subprocess.Popen(["sleep", "300"])
     script = textwrap.dedent(f"""
-        import os, sys, time
+        import os, signal, sys, time
         del os.pidfd_open
-        from workers.watchdog import start_watchdog
+        from workers import keeper
         os.setsid()
         r, w = os.pipe()  # this process holds the write end itself: the lifeline never hangs up
-        start_watchdog(gateway_pid={fake_gateway.pid}, lifeline_fd=r, poll_s=0.1)
+        keeper.fork_kept(gateway_pid={fake_gateway.pid}, lifeline_fd=r, signals=(signal.SIGTERM, signal.SIGKILL),
+                         step_s=1.0, graceful_on_child_exit=False, poll_s=0.1)
         print(os.getpid(), flush=True)
         time.sleep(300)
     """)
     worker = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env(), stdout=subprocess.PIPE)
     try:
-        pgid = int(worker.stdout.readline())
-        assert len(pgid_members(pgid)) == 2
+        child = int(worker.stdout.readline())
+        assert psutil.Process(child).ppid() == worker.pid and len(pgid_members(worker.pid)) == 2
         fake_gateway.kill()
         fake_gateway.wait()
-        assert worker.wait(timeout=2) == -signal.SIGKILL
+        assert worker.wait(timeout=2) == -signal.SIGKILL  # the keeper exits as its child was ended
+        assert not is_live(child)
     finally:
         for proc in (fake_gateway, worker):
             if proc.poll() is None:

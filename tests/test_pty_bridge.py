@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pty_bridge
-from pty_bridge import PtyProcess, clamp_size, default_argv, strip_terminal_queries, terminal_env
+from gateway.terminals.queries import strip_terminal_queries
+from pty_bridge import PtyProcess, clamp_size, default_argv, terminal_env
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
 
@@ -50,7 +51,8 @@ def test_incomplete_query_at_the_end_is_kept_because_its_tail_is_still_live() ->
     assert strip_terminal_queries(b"prompt\x1b[") == b"prompt\x1b["
 
 
-@given(st.lists(st.one_of(st.binary(max_size=20).map(lambda b: b.replace(b"\x1b", b"").replace(b"\x05", b"")),
+@given(st.lists(st.one_of(st.binary(max_size=20).map(
+    lambda b: b.replace(b"\x1b", b"").replace(b"\x05", b"").replace(b"\x9b", b"")),
                           st.sampled_from(QUERIES)), max_size=30))
 def test_stripping_removes_every_query_and_keeps_all_text(parts: list[bytes]) -> None:
     text = b"".join(p for p in parts if p not in QUERIES)
@@ -124,6 +126,19 @@ def live(pids: list[int]) -> list[int]:
     return out
 
 
+async def test_the_program_starts_with_no_signal_ignored(tmp_path: Path) -> None:
+    """Its keeper ignores terminal signals (and Python ignores SIGPIPE); none of that reaches the program."""
+    pty = await PtyProcess.spawn(["/bin/sh", "-c", "grep SigIgn /proc/self/status; sleep 60"], cwd=str(tmp_path))
+    screen = Screen(pty)
+    try:
+        match = await screen.expect(rb"SigIgn:\s*([0-9a-f]+)")
+        assert int(match.group(1), 16) == 0, match.group(0)
+        assert psutil.Process(pty.program_pid).ppid() == pty.pid  # the program is the keeper's child
+    finally:
+        await pty.terminate()
+        screen.close()
+
+
 @pytest.mark.skipif(BASH is None, reason="needs bash for job control")
 async def test_terminate_ends_background_jobs_in_their_own_process_groups(tmp_path: Path) -> None:
     pty = await PtyProcess.spawn([BASH, "--norc", "--noprofile", "-i"], cwd=str(tmp_path), cols=90, rows=20)
@@ -185,7 +200,7 @@ async def test_warden_ends_watched_sessions_when_its_parent_dies(tmp_path: Path)
         assert warden.stdin is not None
         warden.stdin.write(f"+{pty.pid}\n".encode())
         warden.stdin.flush()
-        assert len(pty_bridge.session_processes(pty.pid)) == 2
+        assert len(pty_bridge.session_processes(pty.pid)) == 3  # keeper, sh, sleep
         stand_in.kill()
         stand_in.wait()
         await asyncio.wait_for(pty.wait(), 5.0)

@@ -15,6 +15,7 @@ import pytest
 from gateway.config import Config
 from gateway.slash import SlashRunner, SlashState
 from conftest import pgid_members
+from worker_helpers import cpu_seconds, kept_child
 from test_slash_worker import FAKE_TOKEN, install_test_plugin
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
@@ -135,6 +136,23 @@ async def test_a_crashing_worker_is_reported_and_replaced(runner_factory, tmp_pa
     assert (await runner.exec("/help", SNAPSHOT))["ok"] is True
 
 
+async def test_a_process_a_command_left_in_its_own_session_ends_with_close(
+        runner_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("PYTHONPATH", str(install_test_plugin(tmp_path / "plugins")))
+    marker = f"6001.{os.getpid()}{int(time.monotonic() * 1000) % 100000}"
+    runner = runner_factory()
+    assert (await runner.exec(f"/escape {marker}", SNAPSHOT)) == {"ok": True, "output": "escaped"}
+
+    def escaped() -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(["cmdline", "status"])
+                if p.info["status"] != psutil.STATUS_ZOMBIE and marker in (p.info["cmdline"] or [])]
+
+    await eventually(escaped, 10.0, "the escaped sleep")
+    assert all(os.getsid(p.pid) != runner.pid for p in escaped())  # it left the worker's session
+    await runner.close()
+    await eventually(lambda: not escaped(), 10.0, "the escaped sleep to end with the worker")
+
+
 async def test_close_ends_the_group_is_idempotent_and_refuses_later_commands(
         runner_factory) -> None:  # type: ignore[no-untyped-def]
     runner = runner_factory()
@@ -154,8 +172,10 @@ async def test_close_during_a_running_command_answers_it_at_once(runner_factory)
     await runner.exec("/help", SNAPSHOT)
     pid = runner.pid
     assert pid is not None
+    worker = kept_child(pid)  # the keeper's child runs the commands
+    idle_cpu = cpu_seconds(worker)  # start-up and /help are done: only the regex can add to this
     running = asyncio.create_task(runner.exec("/grep '(a+)+$' evil.txt", SNAPSHOT))
-    await eventually(lambda: psutil.Process(pid).cpu_times().user > 0.1, 10.0, "the regex to start")
+    await eventually(lambda: cpu_seconds(worker) - idle_cpu > 0.2, 10.0, "the regex to be in flight")
     started = time.monotonic()
     await runner.close()
     reply = await asyncio.wait_for(running, 5.0)

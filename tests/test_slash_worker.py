@@ -17,6 +17,7 @@ import pytest
 
 import slash_worker
 from conftest import pgid_members
+from worker_helpers import cpu_seconds, kept_child
 from workers.channel import FrameDecoder, Kind, control_frame
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
@@ -36,6 +37,13 @@ def crash(ctx, args):
     """exit the worker abruptly (test plugin)"""
     os._exit(3)
 
+def escape(ctx, args):
+    """leave a process behind in a session of its own (test plugin)"""
+    import subprocess
+    subprocess.Popen(["setsid", "sh", "-c", f"sleep {args[0]} & exit 0"], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return "escaped"
+
 shout = Command("shout", "/shout WORDS", "say it louder (test plugin)", lambda ctx, args: " ".join(args).upper())
 '''
 
@@ -50,6 +58,7 @@ def install_test_plugin(root: Path) -> Path:
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wg-test-plugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
         "[worker_gateway.slash]\nnap = wg_test_plugin:nap\ncrash = wg_test_plugin:crash\n"
+        "escape = wg_test_plugin:escape\n"
         "shout = wg_test_plugin:shout\nbroken = wg_test_plugin_missing:thing\nhelp = wg_test_plugin:nap\n")
     return root
 
@@ -172,6 +181,13 @@ def test_grep_in_a_subpath_and_without_matches(worker: Worker, project: Path) ->
     assert reply["ok"] is True and "no matches" in reply["output"]
 
 
+def test_grep_skips_a_fifo_instead_of_blocking_on_it(worker: Worker, project: Path) -> None:
+    os.mkfifo(project / "src" / "pipe")  # nobody ever writes to it: opening it to read would block
+    assert worker.exec("/grep print src", project, timeout=5.0)["output"] == "src/app.py:3:print('hi')"
+    reply = worker.exec("/grep print src/pipe", project, timeout=5.0)
+    assert reply["ok"] is True and "no matches" in reply["output"]
+
+
 def test_grep_with_a_bad_regex_says_what_is_wrong(worker: Worker, project: Path) -> None:
     reply = worker.exec("/grep '(unclosed'", project)
     assert reply["ok"] is False
@@ -236,7 +252,7 @@ def test_entry_point_commands_are_loaded_but_cannot_shadow_builtins(tmp_path: Pa
         w.stop()
 
 
-# Watchdog ----------------------------------------------------------------------------------------------
+# Parent death ----------------------------------------------------------------------------------------------
 
 
 def test_eof_on_requests_ends_the_group(worker: Worker, project: Path) -> None:
@@ -251,10 +267,13 @@ def test_parent_death_ends_the_group_even_while_a_command_holds_the_gil(project:
     w = Worker(stand_in.pid)
     try:
         (project / "evil.txt").write_text("a" * 40 + "b\n")
+        assert w.exec("/help", project)["ok"] is True  # start-up is over
+        worker = kept_child(w.pid)  # the keeper's child runs the commands
+        idle_cpu = cpu_seconds(worker)
         w.stdin.write(control_frame("exec", {"id": 1, "command": "/grep '(a+)+$' evil.txt", "cwd": str(project),
                                              "snapshot": {}}))
         w.stdin.flush()
-        wait_until(lambda: psutil.Process(w.pid).cpu_times().user > 0.2, 10.0, "the regex to start")
+        wait_until(lambda: cpu_seconds(worker) - idle_cpu > 0.2, 10.0, "the regex to be in flight")
         stand_in.kill()
         stand_in.wait()
         wait_until(lambda: not pgid_members(w.pid), 2.0, "the worker's group to end after its parent died")
@@ -267,7 +286,7 @@ def test_being_reparented_is_not_mistaken_for_parent_death(project: Path) -> Non
     w = Worker(os.getpid(), launcher=True)
     try:
         assert psutil.Process(w.pid).ppid() != os.getpid()  # the launcher exited: re-parented
-        wait_until(lambda: len(pgid_members(w.pid)) == 2, 10.0, "the worker and its watchdog to start")
+        wait_until(lambda: len(pgid_members(w.pid)) == 2, 10.0, "the worker and its keeper to start")
         observe_until = time.monotonic() + 0.5  # ten watchdog periods
         while time.monotonic() < observe_until:
             assert len(pgid_members(w.pid)) == 2

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -23,7 +25,13 @@ async def test_warm_worker_is_its_own_process_group_leader(supervisor: Superviso
     handle = await supervisor.acquire("echo", {}, None, "s1")
     assert handle.alive and handle.agent == "echo"
     assert os.getpgid(handle.pid) == handle.pid != os.getpgrp()
-    assert os.getsid(handle.pid) == handle.pid
+    keeper = psutil.Process(handle.pid).ppid()  # the session's keeper: session leader and subreaper
+    assert os.getsid(handle.pid) == keeper == os.getpgid(keeper) != handle.pid
+    status = Path(f"/proc/{handle.pid}/status").read_text()
+    ignored = int(re.search(r"SigIgn:\s*([0-9a-f]+)", status).group(1), 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1))  # Python's own default, kept...
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP):
+        assert not ignored & (1 << (sig - 1)), sig  # ...and none of what the keeper ignores
     assert psutil.Process(handle.pid).nice() > psutil.Process().nice()
     assert complete_of(await run_turn(handle, "hi there"))["status"] == "ok"
 
@@ -185,8 +193,7 @@ async def test_known_agents_lists_builtins_without_importing_them() -> None:
 async def test_idle_worker_memory_is_small(supervisor: Supervisor) -> None:
     await wait_until(lambda: supervisor.pool_ready == 1, 10, "a warm worker")
     (idle,) = list(supervisor._pool)
-    await wait_until(lambda: len(psutil.Process(idle.pid).children()) == 1, 5, "the watchdog")
     uss = psutil.Process(idle.pid).memory_full_info().uss
-    watchdog_uss = psutil.Process(idle.pid).children()[0].memory_full_info().uss
+    keeper_uss = psutil.Process(idle.pid).parent().memory_full_info().uss
     assert uss < 15 * 2 ** 20, uss
-    assert uss + watchdog_uss < 15 * 2 ** 20, (uss, watchdog_uss)
+    assert uss + keeper_uss < 15 * 2 ** 20, (uss, keeper_uss)

@@ -25,6 +25,7 @@ import pty_bridge
 from gateway import rpc
 from gateway.config import Config
 from gateway.terminals import OUT_HIGH_WATER, TerminalRegistry
+from worker_helpers import kept_child
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
 
@@ -260,7 +261,7 @@ async def test_slow_socket_pauses_reading_and_the_program_blocks(server: Server,
         state = await eventually(lambda: (s := server.registry.describe(tid))["reader"] == "paused" and s,
                                  15.0, "the registry to stop reading the master fd")
         assert state["outbound_bytes"] <= OUT_HIGH_WATER + 65536
-        program = psutil.Process(opened["pid"])
+        program = kept_child(opened["pid"])  # the terminal's pid is its keeper's; `yes` is the child
         await eventually(lambda: program.status() == psutil.STATUS_SLEEPING, 5.0, "yes to block in write()")
         buffered = server.registry.describe(tid)["outbound_bytes"]
         for _ in range(10):  # stays bounded while nobody reads
@@ -290,11 +291,26 @@ async def test_open_beyond_the_limit_is_4029_naming_the_limit(server_factory: Ca
 
 
 async def test_open_with_bad_argv_or_cwd_is_invalid_params(server: Server, tmp_path: Path) -> None:
-    for params in ({"argv": ["/nonexistent/program"]}, {"argv": []}, {"cwd": str(tmp_path / "missing")}):
+    for params in ({"argv": ["/nonexistent/program"]}, {"argv": []}, {"cwd": str(tmp_path / "missing")},
+                   {"argv": ["sh", "-c", "echo a\0b"]}, {"argv": ["s\0h"]}, {"cwd": str(tmp_path) + "\0x"}):
         with pytest.raises(rpc.RpcError) as err:
             await open_terminal(server.registry, tmp_path, **params)
         assert err.value.code == rpc.INVALID_PARAMS, params
     assert server.registry.count == 0
+
+
+async def test_list_shows_each_running_terminal_and_whether_it_is_attached(server: Server, tmp_path: Path) -> None:
+    first = await open_terminal(server.registry, tmp_path, argv=SHELL, cols=100, rows=30)
+    second = await open_terminal(server.registry, tmp_path, argv=["sleep", "60"])
+    listed = server.registry.list_terminals()["terminals"]
+    assert [t["terminal_id"] for t in listed] == [first["terminal_id"], second["terminal_id"]]
+    assert {k: listed[0][k] for k in ("pid", "path", "cols", "rows", "attached")} == {
+        "pid": first["pid"], "path": first["path"], "cols": 100, "rows": 30, "attached": False}
+    assert listed[0]["created_at"] <= listed[1]["created_at"] <= time.time()
+    async with View.connect(server.url(first["terminal_id"])):
+        await eventually(lambda: server.registry.list_terminals()["terminals"][0]["attached"], 5.0, "attached")
+    await server.registry.close({"terminal_id": second["terminal_id"]})
+    assert [t["terminal_id"] for t in server.registry.list_terminals()["terminals"]] == [first["terminal_id"]]
 
 
 async def test_unknown_terminal_id_is_4001(server: Server) -> None:

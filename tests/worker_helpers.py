@@ -95,3 +95,20 @@ class LagMonitor:
     def __exit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
+
+
+def kept_child(keeper_pid: int, timeout: float = 10.0) -> psutil.Process:
+    """The process a session keeper (``workers/keeper.py``) keeps: its one child, once forked."""
+    deadline = time.monotonic() + timeout
+    while True:
+        children = psutil.Process(keeper_pid).children()
+        if children:
+            return min(children, key=lambda p: p.pid)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"keeper {keeper_pid} has no child after {timeout} s")
+        time.sleep(0.01)
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system

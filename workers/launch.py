@@ -20,6 +20,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,13 @@ from multiprocess import forkserver, process, spawn, util
 from multiprocess.context import reduction, set_spawning_popen
 from multiprocess.popen_forkserver import Popen as _ForkServerPopen
 
-from workers import worker_main
+from workers import contain, worker_main
 
 PRELOAD = ["workers._forkserver_preload"]
 _STATUS = struct.Struct("q")  # how the forkserver writes pids and exit codes to the sentinel
 _ctx = multiprocess.get_context("forkserver")
 _lock = threading.Lock()
+_KEPT_CHILD_TIMEOUT_S = 10.0
 _users = 0
 
 
@@ -84,7 +86,8 @@ class _WorkerProcess(_ctx.Process):  # type: ignore[misc,name-defined]
 class SpawnedWorker:
     """A started worker process and the gateway's ends of its two pipes (owned by the caller)."""
 
-    pid: int
+    pid: int  # the worker proper: leader of the process group that runs the agent
+    keeper_pid: int  # its parent, the session's keeper (workers/keeper.py): session id, exit reported
     sentinel: int  # readable when the forkserver reports the exit status (or dies)
     read_fd: int  # frames from the worker
     write_fd: int  # control frames to the worker
@@ -124,14 +127,15 @@ def release_forkserver() -> int | None:
         return pid
 
 
-def spawn_worker(*, gateway_pid: int, nice: int, watchdog_poll_s: float) -> SpawnedWorker:
+def spawn_worker(*, gateway_pid: int, nice: int, watchdog_poll_s: float, kill_grace_s: float) -> SpawnedWorker:
     """Start one idle worker (blocking, a few ms)."""
     to_worker_r, to_worker_w = os.pipe()
     from_worker_r, from_worker_w = os.pipe()
     try:
         proc = _WorkerProcess(
             target=worker_main.main,
-            args=(PassedFd(to_worker_r), PassedFd(from_worker_w), gateway_pid, nice, watchdog_poll_s),
+            args=(PassedFd(to_worker_r), PassedFd(from_worker_w), gateway_pid, nice, watchdog_poll_s,
+                  kill_grace_s),
             name="agent-worker")
         with _lock:
             forkserver.ensure_running()
@@ -144,8 +148,22 @@ def spawn_worker(*, gateway_pid: int, nice: int, watchdog_poll_s: float) -> Spaw
     # The child has its own copies now; closing ours is what lets each side see EOF when the other dies.
     os.close(to_worker_r)
     os.close(from_worker_w)
-    return SpawnedWorker(pid=proc.pid, sentinel=proc.sentinel, read_fd=from_worker_r,
+    worker_pid = _kept_child(proc.pid)
+    return SpawnedWorker(pid=worker_pid, keeper_pid=proc.pid, sentinel=proc.sentinel, read_fd=from_worker_r,
                          write_fd=to_worker_w, process=proc)
+
+
+def _kept_child(keeper_pid: int, timeout: float = _KEPT_CHILD_TIMEOUT_S) -> int:
+    """The pid of the worker the keeper forks (its first child), read from ``/proc`` (no scan); the
+    keeper's own pid if it died or never forked (then signals and exits are the keeper's)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        children = contain.children(keeper_pid)
+        if children:
+            return min(children)
+        if contain.read_info(keeper_pid) is None or time.monotonic() >= deadline:
+            return keeper_pid
+        time.sleep(0.001)
 
 
 def read_exit_code(sentinel: int) -> int | None:
@@ -170,10 +188,11 @@ def release_process(spawned: SpawnedWorker, returncode: int | None) -> None:
 
 def abandon(spawned: SpawnedWorker) -> None:
     """Kill a worker nobody will own (its starter was cancelled) and close the gateway's pipe ends."""
-    try:
-        os.killpg(spawned.pid, signal.SIGKILL)
-    except OSError:
-        pass
+    for pgid in (spawned.pid, spawned.keeper_pid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
     for fd in (spawned.read_fd, spawned.write_fd):
         try:
             os.close(fd)

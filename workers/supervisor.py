@@ -5,8 +5,9 @@ end the worker (``stop`` / ``kill`` / ``wait``).  Where the worker runs is this 
 later backend can place workers elsewhere behind the same surface.
 
 Locally: a warm pool of idle workers forked from a forkserver (``launch``) makes ``acquire`` cost a few
-milliseconds.  Each worker leads its own process group; stopping it signals the *group* (SIGTERM, then
-SIGKILL after ``kill_grace_s``), so whatever a turn started ends with it.  Exit statuses come from the
+milliseconds.  Each worker is the child of its session's keeper (``workers/keeper.py``), a subreaper that
+ends whatever a turn started, even what left the group or the session; stopping goes through the one
+process handle (``workers/process.py``: SIGTERM, SIGKILL after ``kill_grace_s``, then a sweep).  Exit statuses come from the
 forkserver's status pipe, watched with ``loop.add_reader``: nothing blocks the loop and no thread waits.
 """
 
@@ -24,7 +25,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from workers import launch, pgroup
+from workers import launch
+from workers.process import KeptProcess, describe_exit
 from workers.agents import registry
 from workers.channel import (
     DEFAULT_MAX_QUEUED_BYTES, ChannelError, Frame, FrameReader, FrameWriter, Kind, control_frame,
@@ -32,9 +34,8 @@ from workers.channel import (
 
 logger = logging.getLogger("worker_gateway.supervisor")
 
-#: How long to wait for a worker to die after SIGKILL before giving up on it (it is then unkillable,
-#: e.g. stuck in uninterruptible I/O; the kernel will reap it when it can).
-_KILL_CONFIRM_S = 5.0
+#: Beyond ``kill_grace_s``: time for the keeper's SIGKILL sweep and exit before the gateway's own SIGKILL.
+_KEEPER_MARGIN_S = 1.0
 #: How long ``close`` waits for the forkserver to exit once its last worker is gone.
 _FORKSERVER_EXIT_S = 5.0
 
@@ -82,7 +83,7 @@ class WorkerHandle:
 
     def __init__(self, spawned: launch.SpawnedWorker, reader: FrameReader, writer: FrameWriter, *,
                  kill_grace_s: float, on_exit: Callable[[WorkerHandle], None]) -> None:
-        self.pid = spawned.pid  # also its process group id
+        self.pid = spawned.pid  # the worker proper, also its process group id
         self.agent = ""
         self._spawned = spawned
         self._reader = reader
@@ -92,7 +93,7 @@ class WorkerHandle:
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[ExitStatus] = self._loop.create_future()
         self._stopping: asyncio.Task[ExitStatus] | None = None
-        self._group_done = False  # the group got its final SIGKILL: never signal that pgid again
+        self._process = KeptProcess(self.pid, self._exit_code, self._known_code, keeper_pid=spawned.keeper_pid)
         self._pidfd: int | None = None
         self._loop.add_reader(spawned.sentinel, self._on_sentinel)
 
@@ -131,55 +132,36 @@ class WorkerHandle:
         return await asyncio.shield(self._exited)
 
     def kill(self) -> None:
-        """SIGKILL the whole process group now (non-blocking; :meth:`wait` reports the exit)."""
-        self._signal_group(signal.SIGKILL)
+        """End the whole session now (non-blocking; :meth:`wait` reports the exit): the worker's keeper
+        SIGKILLs everything the worker started, wherever it went, then exits."""
+        self._process.kill()
 
     async def stop(self) -> ExitStatus:
-        """End the worker and its process group: SIGTERM, SIGKILL after ``kill_grace_s``, then SIGKILL to
-        whatever is left in the group.  Idempotent and safe to call concurrently; cancelling a caller does
-        not interrupt the teardown."""
+        """End the worker and everything it started (``workers/process.py``): SIGTERM, SIGKILL after
+        ``kill_grace_s``, then the containment sweep.  Idempotent and safe to call concurrently;
+        cancelling a caller does not interrupt the teardown."""
         if self._stopping is None:
             self._stopping = self._loop.create_task(self._terminate(), name=f"stop-worker-{self.pid}")
         return await asyncio.shield(self._stopping)
 
     async def _terminate(self) -> ExitStatus:
-        if not self._exited.done():
-            self._signal_group(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(self._exited), self._kill_grace_s)
-            except TimeoutError:
-                self._signal_group(signal.SIGKILL)
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._exited), _KILL_CONFIRM_S)
-                except TimeoutError:
-                    logger.error("worker %d did not die %.0f s after SIGKILL", self.pid, _KILL_CONFIRM_S)
-        self._signal_group(signal.SIGKILL)  # children that ignored SIGTERM, or outlived a lone death
-        # The group's other members (the watchdog, the agent's commands) die a few ms after the leader:
-        # "stopped" means the whole group is gone.
-        if not await pgroup.wait_group_gone(self.pid, _KILL_CONFIRM_S):
-            logger.error("worker group %d still has live processes %.0f s after SIGKILL", self.pid, _KILL_CONFIRM_S)
-        self._group_done = True
+        await self._process.aclose(self._kill_grace_s + _KEEPER_MARGIN_S)
         self._writer.close()
         self._reader.close()
         return self._exited.result() if self._exited.done() else ExitStatus(self.pid, None, None)
 
-    def _signal_group(self, sig: int) -> None:
-        if self._group_done:
-            return
-        try:
-            os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            if self._exited.done():
-                self._group_done = True  # empty group: its id may be recycled, so stop using it
-                return
-            # Still bootstrapping: not a group leader yet (setsid comes first thing, before it can have
-            # children).  Its exit is not reported yet, so the pid is still this worker's.
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
-        except PermissionError:
-            pass
+    async def _exit_code(self) -> int | None:
+        status = await asyncio.shield(self._exited)
+        return -status.signal if status.signal is not None else status.returncode
+
+    def _known_code(self) -> int | None:
+        """The exit as a Popen-style code once known (255 stands for "exited, status lost")."""
+        if not self._exited.done():
+            return None
+        status = self._exited.result()
+        if status.signal is not None:
+            return -status.signal
+        return 255 if status.returncode is None else status.returncode
 
     # -- exit detection ---------------------------------------------------------------------------------
 
@@ -196,7 +178,7 @@ class WorkerHandle:
         # process itself from now on; its exit code is lost.
         logger.warning("forkserver gone; watching worker %d directly", self.pid)
         try:
-            self._pidfd = os.pidfd_open(self.pid)
+            self._pidfd = os.pidfd_open(self._spawned.keeper_pid)
         except ProcessLookupError:
             self._set_exited(None, known=False)
         except (AttributeError, OSError):
@@ -208,7 +190,7 @@ class WorkerHandle:
         if self._exited.done():
             return
         try:
-            os.kill(self.pid, 0)
+            os.kill(self._spawned.keeper_pid, 0)
         except ProcessLookupError:
             self._set_exited(None, known=False)
             return
@@ -410,7 +392,7 @@ class Supervisor:
         thread whose result is never lost: if our caller is cancelled meanwhile, the worker is killed."""
         future = asyncio.ensure_future(asyncio.to_thread(
             launch.spawn_worker, gateway_pid=self._gateway_pid, nice=self._nice,
-            watchdog_poll_s=self._watchdog_poll_s))
+            watchdog_poll_s=self._watchdog_poll_s, kill_grace_s=self._kill_grace_s))
         self._spawning.add(future)
         future.add_done_callback(self._spawning.discard)
         try:
@@ -481,12 +463,4 @@ def _abandon_result(future: asyncio.Future[launch.SpawnedWorker]) -> None:
 def _describe(status: ExitStatus | None) -> str:
     if status is None:
         return "still running"
-    if status.signal is not None:
-        try:
-            name = signal.Signals(status.signal).name
-        except ValueError:
-            name = str(status.signal)
-        return f"killed by {name}"
-    if status.returncode is None:
-        return "exit status unknown"
-    return f"exit code {status.returncode}"
+    return describe_exit(-status.signal if status.signal is not None else status.returncode)

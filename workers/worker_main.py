@@ -2,7 +2,8 @@
 
 Life of a worker (started idle by the supervisor's warm pool, through the forkserver):
 
-1. become the leader of a new process group and session, lower its priority, fork its watchdog;
+1. become the leader of a new process group and session, lower its priority, and split into the session's
+   keeper (``workers/keeper.py``: it ends everything the session started) and the worker proper;
 2. wait for CONTROL ``init`` {agent, options, cwd, session_id, sys_path}; load and start the agent; answer
    ``ready`` {pid, agent} or ``init_failed`` {code, message} (4004 unknown agent, 5001 anything else);
 3. run ``prompt`` {turn_id, text} one at a time on the main thread, each framed by ``turn.start`` and
@@ -24,8 +25,8 @@ from typing import Any
 from workers.agents.base import TurnCancelled, TurnHandle, TurnResult
 from workers.agents.registry import AgentLoadError, UnknownAgent, load_factory
 from workers.channel import BlockingChannel, ChannelError, Frame, Kind
+from workers import keeper
 from workers.scrub import set_extra_secrets
-from workers.watchdog import start_watchdog
 
 logger = logging.getLogger("worker_gateway.worker")
 
@@ -33,8 +34,10 @@ INIT_UNKNOWN_AGENT = 4004
 INIT_FAILED = 5001
 
 
-def main(read_fd: int, write_fd: int, gateway_pid: int, nice: int, watchdog_poll_s: float) -> None:
-    """Entry point in the forked worker.  ``read_fd``/``write_fd`` are this side's pipe ends."""
+def main(read_fd: int, write_fd: int, gateway_pid: int, nice: int, watchdog_poll_s: float,
+         kill_grace_s: float = 2.0) -> None:
+    """Entry point in the forked worker.  ``read_fd``/``write_fd`` are this side's pipe ends.  This process
+    becomes the session's keeper (``workers/keeper.py``); the agent runs in its child."""
     os.setsid()
     for fd in (read_fd, write_fd):  # fds received over SCM_RIGHTS are inheritable: keep them from commands
         os.set_inheritable(fd, False)
@@ -45,7 +48,9 @@ def main(read_fd: int, write_fd: int, gateway_pid: int, nice: int, watchdog_poll
             os.nice(nice)
         except OSError:
             pass
-    start_watchdog(gateway_pid=gateway_pid, lifeline_fd=read_fd, poll_s=watchdog_poll_s)
+    keeper.fork_kept(gateway_pid=gateway_pid, lifeline_fd=read_fd, signals=(signal.SIGTERM, signal.SIGKILL),
+                     step_s=kill_grace_s, graceful_on_child_exit=False, poll_s=watchdog_poll_s,
+                     child_own_group=True)
     channel = BlockingChannel(read_fd, write_fd)
     try:
         _serve(channel)
@@ -214,6 +219,7 @@ class _Session:
 
 
 def _end_group() -> None:
-    """SIGKILL this worker's process group: the worker, its watchdog, everything a turn started."""
+    """End this worker's session at once: the keeper SIGKILLs the worker and everything a turn started."""
     sys.stderr.flush()
-    os.killpg(0, signal.SIGKILL)
+    keeper.end_now()
+    os.kill(os.getpid(), signal.SIGKILL)
