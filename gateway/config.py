@@ -1,6 +1,6 @@
 """The one place where settings are read: CLI flags, ``WORKER_GATEWAY_*`` environment variables, defaults.
 
-Every knob is declared once in ``KNOBS``; the argument parser, ``--help`` text, environment lookup and the
+Every knob is declared once, as a field of ``Config`` (``knob(...)``), and ``KNOBS`` is derived from it; the argument parser, ``--help`` text, environment lookup and the
 malformed-value fallback are all derived from that table, so a setting cannot be documented in one place
 and parsed differently in another.  ``Config`` is frozen: the running server never mutates its settings.
 """
@@ -53,83 +53,32 @@ class Knob:
 
 _MIB = 1024 * 1024
 
-KNOBS: tuple[Knob, ...] = (
-    # Start-up and network
-    Knob("host", str, "127.0.0.1", "address to bind (loopback disables the WebSocket ping by default)"),
-    Knob("port", int, 8765, "TCP port; 0 asks the OS for a free one (announced on the ready line)", 0, 65535),
-    Knob("agent", str, "echo", "default agent for new sessions: built-in name, entry point or package.module:attr"),
-    Knob("token", str, None, "auth token (generated at start when unset)", optional=True),
-    Knob("no_auth", bool, False, "accept clients without a token (refused unless the bind is loopback)"),
-    Knob("ready_file", str, None, 'write {"port", "pid"} to this path atomically once serving', optional=True),
-    Knob("ws_ping_interval", float, None,
-         "WebSocket ping interval in seconds, 'none' to disable (default: off on loopback, 20 elsewhere)",
-         0.0, None, optional=True),
-    Knob("ws_ping_timeout", float, None,
-         "WebSocket ping timeout in seconds, 'none' to disable (default: off on loopback, 20 elsewhere)",
-         0.0, None, optional=True),
-    Knob("allow_origin", str, "", "comma-separated extra origins allowed to open WebSockets"),
-    Knob("metrics_public", bool, False, "serve /metrics without auth"),
-    Knob("max_message_bytes", int, _MIB, "largest client WebSocket message; larger closes with 1009", 1024, None),
-    Knob("log_level", str, "info", "log level", choices=("critical", "error", "warning", "info", "debug", "trace")),
-    # Workers
-    Knob("pool_size", int, 2, "warm agent workers kept ready (0 = cold start per session)", 0, 64),
-    Knob("kill_grace_s", float, 2.0, "seconds between SIGTERM and SIGKILL when stopping a worker group", 0.05, 60),
-    Knob("worker_nice", int, 5, "nice increment of worker processes (keeps the relay first on a busy CPU)", 0, 19),
-    Knob("worker_start_timeout_s", float, 30.0, "seconds a worker may take to load its agent", 1, 600),
-    Knob("watchdog_poll_s", float, 0.5, "parent-death poll period of workers (floor 0.05 s)", 0.05, 2.0),
-    # Sessions
-    Knob("grace_s", float, 60.0, "seconds a detached session is kept for resume (0 = until the idle TTL)", 0, None),
-    Knob("idle_ttl_s", float, 6 * 3600.0, "seconds of inactivity after which a detached session is closed", 1, None),
-    Knob("interrupt_grace_s", float, 3.0, "seconds a turn has to stop after session.interrupt before its worker is killed", 0.05, 120),
-    Knob("replay_max_events", int, 4096, "events kept per session for replay", 16, None),
-    Knob("replay_max_bytes", int, 8 * _MIB, "bytes kept per session for replay", 64 * 1024, None),
-    Knob("outbound_max_bytes", int, 4 * _MIB, "bytes queued per connection before its sessions' pipes pause", 64 * 1024, None),
-    Knob("max_queued_prompts", int, 8, "prompts queued per session (beyond: error 4009)", 0, 1024),
-    # Limits
-    Knob("max_sessions", int, 64, "live sessions in total (beyond: error 4029)", 1, 100000),
-    Knob("max_sessions_per_connection", int, 32, "live sessions owned by one connection (beyond: error 4029)", 1, 100000),
-    Knob("max_terminals", int, 16, "open terminals (beyond: error 4029)", 0, 10000),
-    Knob("max_connections", int, 256, "concurrent WebSocket connections (beyond: closed with 1013)", 1, 1000000),
-    Knob("rate_per_s", float, 200.0, "requests per second per connection (token bucket rate)", 0.1, None),
-    Knob("rate_burst", int, 400, "requests per connection allowed in a burst", 1, None),
-    Knob("max_json_depth", int, 32, "deepest nesting accepted in a request (deeper: -32600)", 2, 1000),
-    # Slash commands and terminals
-    Knob("slash_timeout_s", float, 45.0, "seconds a slash command may run before its worker is killed", 0.1, 3600),
-    Knob("terminal_grace_s", float, 300.0, "seconds a terminal outlives its dropped socket", 0, None),
-    # --- session core ---
-    Knob("blocked_detached_s", float, 300.0, "seconds a detached session may stay blocked (nobody reads its "
-         "events, its worker waits) before it is closed with reason 'blocked' ('none' = never)", 1, None, optional=True),
-    Knob("max_title_chars", int, 4096, "longest session title accepted (longer: -32602)", 16, None),
-    Knob("events_page_max_bytes", int, 8 * _MIB, "most bytes of events one session.events.since answer holds", 64 * 1024, None),
-    Knob("events_page_max_events", int, 100000, "most events one session.events.since answer holds", 16, None),
-    # --- session store ---
-    Knob("state_dir", str, None, "directory of the session store (default $XDG_STATE_HOME/worker-gateway, "
-         "else ~/.local/state/worker-gateway)", optional=True),
-    Knob("no_state", bool, False, "keep sessions in memory only (no store; a restart loses them)"),
-    Knob("retention_days", float, 30.0, "days a closed session stays stored", 0, None),
-    Knob("store_max_bytes", int, 1024 * _MIB, "event bytes the store keeps; past it the oldest closed "
-         "sessions go first", _MIB, None),
-    Knob("detached_quota_bytes", int, 64 * _MIB, "bytes a running turn may add to the log while its session "
-         "is detached; past it the turn blocks", 64 * 1024, None),
-    # --- edge: proxies, handshakes, slowloris (docs/deployment.md, docs/security.md) ---
-    Knob("forwarded_allow_ips", str, "127.0.0.1,::1",
-         "comma-separated proxy addresses or networks whose X-Forwarded-For / X-Forwarded-Proto set the client "
-         "address in logs and the scheme ('*' trusts every peer, 'none' no one)"),
-    Knob("root_path", str, "", "URL path prefix the gateway is served under behind a reverse proxy, e.g. /gw "
-         "(the proxy may strip it or not)"),
-    Knob("handshake_timeout_s", float, 10.0,
-         "seconds a new connection may take to send its request head (slow or silent ones are closed)", 0.1, 600),
-    Knob("max_pending_connections", int, 64,
-         "connections whose request head is not complete yet (beyond: the newest are closed at once)", 1, 100000),
-    # --- processes and terminals ---
-    Knob("terminal_input_stall_s", float, 30.0, "seconds a terminal's program may leave its input unread "
-         "while more is pending before the socket is dropped (then the grace applies)", 0.1, 3600),
-    Knob("terminal_attach_rate_per_s", float, 20.0, "/pty attaches per second, gateway-wide (token bucket)",
-         0.1, None),
-    Knob("terminal_attach_burst", int, 40, "/pty attaches allowed in a burst", 1, None),
-)
 
-_KNOBS_BY_NAME = {k.name: k for k in KNOBS}
+def knob(
+    kind: type,
+    default: Any,
+    help: str,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    optional: bool = False,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A :class:`Config` field that is a setting: its flag, environment variable, ``--help`` line and bounds
+    are derived from this one declaration (see :data:`KNOBS`)."""
+    spec = {
+        "kind": kind,
+        "help": help,
+        "minimum": minimum,
+        "maximum": maximum,
+        "optional": optional,
+        "flag": flag,
+        "choices": choices,
+    }
+    return dataclasses.field(default=default, metadata={"knob": spec})
+
+
 _ROOT_PATH_CHARS = re.compile(r"(/[A-Za-z0-9._~-]+)*")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -147,11 +96,17 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
     return os.path.join(base, "worker-gateway")
 
 
-def store_state_dir(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
+def store_state_dir(
+    config: Config, environ: Mapping[str, str] | None = None
+) -> str | None:
     """Where this run keeps its store: None with ``--no-state``, else ``--state-dir`` or the default."""
     if config.no_state:
         return None
-    return os.path.expanduser(config.state_dir) if config.state_dir else default_state_dir(environ)
+    return (
+        os.path.expanduser(config.state_dir)
+        if config.state_dir
+        else default_state_dir(environ)
+    )
 
 
 class ConfigError(ValueError):
@@ -177,7 +132,9 @@ def parse_value(knob: Knob, raw: str) -> Any:
     try:
         value = knob.kind(text)
     except ValueError:
-        raise ValueError(f"expected {'an integer' if knob.kind is int else 'a number'}, got {raw!r}") from None
+        raise ValueError(
+            f"expected {'an integer' if knob.kind is int else 'a number'}, got {raw!r}"
+        ) from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"expected a finite number, got {raw!r}")
     if knob.minimum is not None and value < knob.minimum:
@@ -196,7 +153,9 @@ def env_value(knob: Knob, environ: Mapping[str, str]) -> tuple[bool, Any]:
     try:
         return True, parse_value(knob, raw)
     except ValueError as exc:
-        logger.warning("ignoring %s: %s; using the default %r", knob.env, exc, knob.default)
+        logger.warning(
+            "ignoring %s: %s; using the default %r", knob.env, exc, knob.default
+        )
         return False, knob.default
 
 
@@ -212,7 +171,10 @@ def is_loopback_host(host: str) -> bool:
 
 
 def ping_policy(
-    host: str, interval: float | None = None, timeout: float | None = None, explicit: bool = False
+    host: str,
+    interval: float | None = None,
+    timeout: float | None = None,
+    explicit: bool = False,
 ) -> tuple[float | None, float | None]:
     """The keepalive for a bind: off on loopback (a dead local peer is seen by its FIN/RST), 20 s / 20 s
     elsewhere (half-open connections behind tunnels are real).  ``explicit`` values win on any bind."""
@@ -227,59 +189,266 @@ def ping_policy(
 class Config:
     """Every setting of a gateway run.  Build it with :meth:`load` (CLI + environment) or directly in tests."""
 
-    host: str = "127.0.0.1"
-    port: int = 8765
-    agent: str = "echo"
-    token: str | None = None
-    no_auth: bool = False
-    ready_file: str | None = None
-    ws_ping_interval: float | None = None
-    ws_ping_timeout: float | None = None
-    ping_explicit: bool = False
-    allow_origin: str = ""
-    metrics_public: bool = False
-    max_message_bytes: int = _MIB
-    log_level: str = "info"
-    pool_size: int = 2
-    kill_grace_s: float = 2.0
-    worker_nice: int = 5
-    worker_start_timeout_s: float = 30.0
-    watchdog_poll_s: float = 0.5
-    grace_s: float = 60.0
-    idle_ttl_s: float = 6 * 3600.0
-    interrupt_grace_s: float = 3.0
-    replay_max_events: int = 4096
-    replay_max_bytes: int = 8 * _MIB
-    outbound_max_bytes: int = 4 * _MIB
-    max_queued_prompts: int = 8
-    max_sessions: int = 64
-    max_sessions_per_connection: int = 32
-    max_terminals: int = 16
-    max_connections: int = 256
-    rate_per_s: float = 200.0
-    rate_burst: int = 400
-    max_json_depth: int = 32
-    slash_timeout_s: float = 45.0
-    terminal_grace_s: float = 300.0
-    blocked_detached_s: float | None = 300.0
-    max_title_chars: int = 4096
-    events_page_max_bytes: int = 8 * _MIB
-    events_page_max_events: int = 100000
+    # Start-up and network
+    host: str = knob(
+        str,
+        "127.0.0.1",
+        "address to bind (loopback disables the WebSocket ping by default)",
+    )
+    port: int = knob(
+        int,
+        8765,
+        "TCP port; 0 asks the OS for a free one (announced on the ready line)",
+        0,
+        65535,
+    )
+    agent: str = knob(
+        str,
+        "echo",
+        "default agent for new sessions: built-in name, entry point or package.module:attr",
+    )
+    token: str | None = knob(
+        str, None, "auth token (generated at start when unset)", optional=True
+    )
+    no_auth: bool = knob(
+        bool,
+        False,
+        "accept clients without a token (refused unless the bind is loopback)",
+    )
+    ready_file: str | None = knob(
+        str,
+        None,
+        'write {"port", "pid"} to this path atomically once serving',
+        optional=True,
+    )
+    ws_ping_interval: float | None = knob(
+        float,
+        None,
+        "WebSocket ping interval in seconds, 'none' to disable (default: off on loopback, 20 elsewhere)",
+        0.0,
+        None,
+        optional=True,
+    )
+    ws_ping_timeout: float | None = knob(
+        float,
+        None,
+        "WebSocket ping timeout in seconds, 'none' to disable (default: off on loopback, 20 elsewhere)",
+        0.0,
+        None,
+        optional=True,
+    )
+    allow_origin: str = knob(
+        str, "", "comma-separated extra origins allowed to open WebSockets"
+    )
+    metrics_public: bool = knob(bool, False, "serve /metrics without auth")
+    max_message_bytes: int = knob(
+        int,
+        _MIB,
+        "largest client WebSocket message; larger closes with 1009",
+        1024,
+        None,
+    )
+    log_level: str = knob(
+        str,
+        "info",
+        "log level",
+        choices=("critical", "error", "warning", "info", "debug", "trace"),
+    )
+    # Workers
+    pool_size: int = knob(
+        int, 2, "warm agent workers kept ready (0 = cold start per session)", 0, 64
+    )
+    kill_grace_s: float = knob(
+        float,
+        2.0,
+        "seconds between SIGTERM and SIGKILL when stopping a worker group",
+        0.05,
+        60,
+    )
+    worker_nice: int = knob(
+        int,
+        5,
+        "nice increment of worker processes (keeps the relay first on a busy CPU)",
+        0,
+        19,
+    )
+    worker_start_timeout_s: float = knob(
+        float, 30.0, "seconds a worker may take to load its agent", 1, 600
+    )
+    watchdog_poll_s: float = knob(
+        float, 0.5, "parent-death poll period of workers (floor 0.05 s)", 0.05, 2.0
+    )
+    # Sessions
+    grace_s: float = knob(
+        float,
+        60.0,
+        "seconds a detached session is kept for resume (0 = until the idle TTL)",
+        0,
+        None,
+    )
+    idle_ttl_s: float = knob(
+        float,
+        6 * 3600.0,
+        "seconds of inactivity after which a detached session is closed",
+        1,
+        None,
+    )
+    interrupt_grace_s: float = knob(
+        float,
+        3.0,
+        "seconds a turn has to stop after session.interrupt before its worker is killed",
+        0.05,
+        120,
+    )
+    replay_max_events: int = knob(
+        int, 4096, "events kept per session for replay", 16, None
+    )
+    replay_max_bytes: int = knob(
+        int, 8 * _MIB, "bytes kept per session for replay", 65536, None
+    )
+    outbound_max_bytes: int = knob(
+        int,
+        4 * _MIB,
+        "bytes queued per connection before its sessions' pipes pause",
+        65536,
+        None,
+    )
+    max_queued_prompts: int = knob(
+        int, 8, "prompts queued per session (beyond: error 4009)", 0, 1024
+    )
+    # Limits
+    max_sessions: int = knob(
+        int, 64, "live sessions in total (beyond: error 4029)", 1, 100000
+    )
+    max_sessions_per_connection: int = knob(
+        int, 32, "live sessions owned by one connection (beyond: error 4029)", 1, 100000
+    )
+    max_terminals: int = knob(int, 16, "open terminals (beyond: error 4029)", 0, 10000)
+    max_connections: int = knob(
+        int,
+        256,
+        "concurrent WebSocket connections (beyond: closed with 1013)",
+        1,
+        1000000,
+    )
+    rate_per_s: float = knob(
+        float,
+        200.0,
+        "requests per second per connection (token bucket rate)",
+        0.1,
+        None,
+    )
+    rate_burst: int = knob(
+        int, 400, "requests per connection allowed in a burst", 1, None
+    )
+    max_json_depth: int = knob(
+        int, 32, "deepest nesting accepted in a request (deeper: -32600)", 2, 1000
+    )
+    # Slash commands and terminals
+    slash_timeout_s: float = knob(
+        float,
+        45.0,
+        "seconds a slash command may run before its worker is killed",
+        0.1,
+        3600,
+    )
+    terminal_grace_s: float = knob(
+        float, 300.0, "seconds a terminal outlives its dropped socket", 0, None
+    )
+    # --- session core ---
+    blocked_detached_s: float | None = knob(
+        float,
+        300.0,
+        "seconds a detached session may stay blocked (nobody reads its events, its worker waits) before it is "
+        "closed with reason 'blocked' ('none' = never)",
+        1,
+        None,
+        optional=True,
+    )
+    max_title_chars: int = knob(
+        int, 4096, "longest session title accepted (longer: -32602)", 16, None
+    )
+    events_page_max_bytes: int = knob(
+        int,
+        8 * _MIB,
+        "most bytes of events one session.events.since answer holds",
+        65536,
+        None,
+    )
+    events_page_max_events: int = knob(
+        int, 100000, "most events one session.events.since answer holds", 16, None
+    )
     # --- session store ---
-    state_dir: str | None = None
-    no_state: bool = False
-    retention_days: float = 30.0
-    store_max_bytes: int = 1024 * _MIB
-    detached_quota_bytes: int = 64 * _MIB
-    # --- edge ---
-    forwarded_allow_ips: str = "127.0.0.1,::1"
-    root_path: str = ""
-    handshake_timeout_s: float = 10.0
-    max_pending_connections: int = 64
+    state_dir: str | None = knob(
+        str,
+        None,
+        "directory of the session store (default $XDG_STATE_HOME/worker-gateway, else "
+        "~/.local/state/worker-gateway)",
+        optional=True,
+    )
+    no_state: bool = knob(
+        bool, False, "keep sessions in memory only (no store; a restart loses them)"
+    )
+    retention_days: float = knob(
+        float, 30.0, "days a closed session stays stored", 0, None
+    )
+    store_max_bytes: int = knob(
+        int,
+        1024 * _MIB,
+        "event bytes the store keeps; past it the oldest closed sessions go first",
+        _MIB,
+        None,
+    )
+    detached_quota_bytes: int = knob(
+        int,
+        64 * _MIB,
+        "bytes a running turn may add to the log while its session is detached; past it the turn blocks",
+        65536,
+        None,
+    )
+    # --- edge: proxies, handshakes, slowloris (docs/deployment.md, docs/security.md) ---
+    forwarded_allow_ips: str = knob(
+        str,
+        "127.0.0.1,::1",
+        "comma-separated proxy addresses or networks whose X-Forwarded-For / X-Forwarded-Proto set the client "
+        "address in logs and the scheme ('*' trusts every peer, 'none' no one)",
+    )
+    root_path: str = knob(
+        str,
+        "",
+        "URL path prefix the gateway is served under behind a reverse proxy, e.g. /gw (the proxy may strip it or not)",
+    )
+    handshake_timeout_s: float = knob(
+        float,
+        10.0,
+        "seconds a new connection may take to send its request head (slow or silent ones are closed)",
+        0.1,
+        600,
+    )
+    max_pending_connections: int = knob(
+        int,
+        64,
+        "connections whose request head is not complete yet (beyond: the newest are closed at once)",
+        1,
+        100000,
+    )
     # --- processes and terminals ---
-    terminal_input_stall_s: float = 30.0
-    terminal_attach_rate_per_s: float = 20.0
-    terminal_attach_burst: int = 40
+    terminal_input_stall_s: float = knob(
+        float,
+        30.0,
+        "seconds a terminal's program may leave its input unread while more is pending before the socket is "
+        "dropped (then the grace applies)",
+        0.1,
+        3600,
+    )
+    terminal_attach_rate_per_s: float = knob(
+        float, 20.0, "/pty attaches per second, gateway-wide (token bucket)", 0.1, None
+    )
+    terminal_attach_burst: int = knob(
+        int, 40, "/pty attaches allowed in a burst", 1, None
+    )
+    # Derived at load time, not a setting: whether the ping flags were given explicitly.
+    ping_explicit: bool = False
 
     def __post_init__(self) -> None:
         if self.ping_explicit:
@@ -295,7 +464,11 @@ class Config:
 
     @property
     def allowed_origins(self) -> frozenset[str]:
-        return frozenset(o.strip().rstrip("/").lower() for o in self.allow_origin.split(",") if o.strip())
+        return frozenset(
+            o.strip().rstrip("/").lower()
+            for o in self.allow_origin.split(",")
+            if o.strip()
+        )
 
     @property
     def auth_required(self) -> bool:
@@ -322,21 +495,27 @@ class Config:
         """``--forwarded-allow-ips`` as uvicorn's ``forwarded_allow_ips`` list (empty: trust no one)."""
         if self.forwarded_allow_ips.strip().lower() in _NONE:
             return []
-        return [item.strip() for item in self.forwarded_allow_ips.split(",") if item.strip()]
+        return [
+            item.strip() for item in self.forwarded_allow_ips.split(",") if item.strip()
+        ]
 
     def validate(self) -> None:
         """Refuse combinations no fallback can make safe."""
         if not _ROOT_PATH_CHARS.fullmatch(self.normalized_root_path):
-            raise ConfigError(f"--root-path {self.root_path!r} may hold only letters, digits and - . _ ~ / "
-                              "(e.g. --root-path /gw)")
+            raise ConfigError(
+                f"--root-path {self.root_path!r} may hold only letters, digits and - . _ ~ / "
+                "(e.g. --root-path /gw)"
+            )
         for item in self.trusted_proxies:
             if item == "*":
                 continue
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
-                raise ConfigError(f"--forwarded-allow-ips: {item!r} is not an IP address or network "
-                                  "(e.g. 127.0.0.1,::1 or 10.0.0.0/8, '*' for all, 'none')") from None
+                raise ConfigError(
+                    f"--forwarded-allow-ips: {item!r} is not an IP address or network "
+                    "(e.g. 127.0.0.1,::1 or 10.0.0.0/8, '*' for all, 'none')"
+                ) from None
         if self.no_auth and not self.loopback:
             raise ConfigError(
                 f"--no-auth is refused on the non-loopback bind {self.host!r}: anyone who can reach it could "
@@ -345,7 +524,9 @@ class Config:
 
     # Construction ------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    def load(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Config:
         """Parse ``serve`` flags over environment variables over defaults."""
         environ = os.environ if environ is None else environ
         parser = build_parser()
@@ -353,7 +534,9 @@ class Config:
         return cls.from_namespace(ns, environ)
 
     @classmethod
-    def from_namespace(cls, ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    def from_namespace(
+        cls, ns: argparse.Namespace, environ: Mapping[str, str]
+    ) -> Config:
         values: dict[str, Any] = {}
         ping_explicit = False
         for knob in KNOBS:
@@ -366,6 +549,15 @@ class Config:
             if knob.name in ("ws_ping_interval", "ws_ping_timeout") and explicit:
                 ping_explicit = True
         return cls(**values, ping_explicit=ping_explicit)
+
+
+#: Every setting, in declaration order: the fields of :class:`Config` declared with :func:`knob`.
+KNOBS: tuple[Knob, ...] = tuple(
+    Knob(f.name, default=f.default, **f.metadata["knob"])
+    for f in dataclasses.fields(Config)
+    if "knob" in f.metadata
+)
+_KNOBS_BY_NAME = {k.name: k for k in KNOBS}
 
 
 class _Unset:
@@ -390,15 +582,31 @@ def _argparse_type(knob: Knob) -> Callable[[str], Any]:
 def add_knob_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per knob; unset flags stay ``_UNSET`` so the environment can fill them."""
     for knob in KNOBS:
-        default_text = "generated" if knob.name == "token" else ("none" if knob.default is None else knob.default)
+        default_text = (
+            "generated"
+            if knob.name == "token"
+            else ("none" if knob.default is None else knob.default)
+        )
         choices = f" ({', '.join(knob.choices)})" if knob.choices else ""
         help_text = f"{knob.help}{choices} [env {knob.env}; default {default_text}]"
         if knob.kind is bool:
-            parser.add_argument(knob.option, dest=knob.name, action="store_const", const=True,
-                                default=_UNSET, help=help_text)
+            parser.add_argument(
+                knob.option,
+                dest=knob.name,
+                action="store_const",
+                const=True,
+                default=_UNSET,
+                help=help_text,
+            )
         else:
-            parser.add_argument(knob.option, dest=knob.name, type=_argparse_type(knob), default=_UNSET,
-                                metavar=knob.name.upper(), help=help_text)
+            parser.add_argument(
+                knob.option,
+                dest=knob.name,
+                type=_argparse_type(knob),
+                default=_UNSET,
+                metavar=knob.name.upper(),
+                help=help_text,
+            )
 
 
 def build_parser(prog: str = "worker-gateway serve") -> argparse.ArgumentParser:
