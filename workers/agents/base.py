@@ -138,18 +138,34 @@ class TurnHandle:
         """A piece of the agent's reply (``message.delta``)."""
         self._emit("message.delta", {"turn_id": self.turn_id, "text": text})
 
+    def reasoning(self, text: str, **extra: Any) -> None:
+        """A piece of the model's reasoning (``reasoning.delta``)."""
+        self._emit("reasoning.delta", {"turn_id": self.turn_id, "text": text, **extra})
+
+    def tool_call(self, call_id: str, name: str, arguments: Any, **extra: Any) -> None:
+        """The agent decided to call a tool (``tool.call``); its output events carry the same ``call_id``."""
+        self._emit("tool.call", {"turn_id": self.turn_id, "call_id": call_id, "name": name,
+                                 "arguments": arguments, **extra})
+
     def tool_output(self, text: str, **extra: Any) -> int:
         """Tool output: scrubbed here, then sent as ``tool.output`` events of at most 64 KiB of text each,
         each carrying its ``redactions`` count.  ``extra`` fields (e.g. ``subagent_id``) are added to every
         event.  Returns the number of redactions."""
+        return self.scrubbed_tool_output(text, **extra)[1]
+
+    def scrubbed_tool_output(self, text: str, **extra: Any) -> tuple[str, int]:
+        """As :meth:`tool_output`, returning ``(the scrubbed text as sent, redactions)``: what an agent may
+        pass on (to a model) without leaking what the scrubber removed."""
         total = 0
+        sent: list[str] = []
         for chunk, count in scrub_chunks(text, MAX_CHUNK_BYTES):
             payload = {"turn_id": self.turn_id, "text": chunk, "redactions": count}
             payload.update(extra)
             self._emit("tool.output", payload)
+            sent.append(chunk)
             total += count
         self.redactions += total
-        return total
+        return "".join(sent), total
 
     def subagent_start(self, subagent_id: str | None = None, **fields: Any) -> str:
         """Announce a nested subagent (``subagent.start``); returns its id (generated when not given)."""
