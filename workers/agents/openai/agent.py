@@ -167,6 +167,8 @@ class _Conversation:
                 return _Outcome("interrupted", current.text(), current.finish_reason)
             except ProviderError as exc:
                 _keep_partial(messages, current)
+                if self._turn.cancelled:  # the error is the interrupt's doing (its socket was shut down)
+                    return _Outcome("interrupted", current.text(), current.finish_reason)
                 return _Outcome("error", current.text(), current.finish_reason, str(exc), exc.status)
             calls = current.calls.calls(id_prefix=f"call_{len(messages)}")
             assistant: Message = {"role": "assistant", "content": current.text() or None}
@@ -221,6 +223,7 @@ class _Conversation:
                 if isinstance(choice.get("finish_reason"), str):
                     current.finish_reason = choice["finish_reason"]
             self._turn.check_cancelled()
+        self._turn.check_cancelled()
         if not current.done and current.finish_reason is None:
             raise ProviderError("the stream ended before a finish_reason or [DONE]: it was cut off")
 

@@ -59,6 +59,8 @@ def stream_chunks(client: httpx.Client, settings: Settings, body: dict[str, Any]
                                extensions={"trace": hooks.trace}) as response:
                 if response.status_code // 100 == 2:
                     yield from _chunks(response)
+                    # A shut-down socket can also read as a clean end of a close-delimited body.
+                    turn.check_cancelled()
                     return
                 status = response.status_code
                 message = _error_message(response)
