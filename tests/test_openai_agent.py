@@ -213,6 +213,15 @@ async def test_invalid_arguments_and_unknown_tools_go_back_to_the_model_as_error
     assert [t["function"]["name"] for t in fake.requests[0].body["tools"]] == ["shell"]
 
 
+async def test_tool_choice_is_sent_with_the_first_request_of_a_turn_only(supervisor: Supervisor,
+                                                                         fake: FakeOpenAI) -> None:
+    choice = {"type": "function", "function": {"name": "shell"}}
+    fake.push(tool_script(("c1", "shell", '{"command": "true"}')), text_script("ok"))
+    handle = await agent(supervisor, fake, tool_choice=choice)
+    await run_turn(handle, "go")
+    assert fake.requests[0].body["tool_choice"] == choice and "tool_choice" not in fake.requests[1].body
+
+
 async def test_tool_output_is_capped_and_a_slow_command_times_out(supervisor: Supervisor,
                                                                   fake: FakeOpenAI) -> None:
     fake.push(tool_script(("c1", "shell", '{"command": "yes"}'), ("c2", "shell", '{"command": "sleep 60"}')),

@@ -40,7 +40,8 @@ class OpenAIAgent(Agent):
     def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
         messages = self.history + [{"role": "user", "content": text}]
         usage = _Usage()
-        conversation = _Conversation(self, turn, _ParentView(turn), self.settings.tools, self.settings.system, usage)
+        conversation = _Conversation(self, turn, _ParentView(turn), self.settings.tools, self.settings.system, usage,
+                                     self.settings.tool_choice)
         try:
             outcome = conversation.run(messages)
         finally:
@@ -145,7 +146,7 @@ class _Round:
 
 class _Conversation:
     def __init__(self, agent: OpenAIAgent, turn: TurnHandle, view: _ParentView, tools: tuple[str, ...],
-                 system: str | None, usage: _Usage) -> None:
+                 system: str | None, usage: _Usage, tool_choice: Any = None) -> None:
         self._agent = agent
         self._settings = agent.settings
         self._turn = turn
@@ -153,6 +154,7 @@ class _Conversation:
         self._tools = tools
         self._system = system
         self._usage = usage
+        self._tool_choice = tool_choice  # for the first request only
 
     def run(self, messages: list[Message]) -> _Outcome:
         """Run rounds until the model answers without tools; ``messages`` grows in place with every
@@ -199,6 +201,9 @@ class _Conversation:
             body["max_tokens"] = settings.max_tokens
         if self._tools:
             body["tools"] = tool_specs(self._tools)
+            if self._tool_choice is not None:
+                body["tool_choice"] = self._tool_choice
+                self._tool_choice = None
         return body
 
     def _stream(self, messages: list[Message], current: _Round) -> None:

@@ -43,6 +43,9 @@ class Settings:
     max_retries: int = 3  #: before the first token only (retry.py)
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 300.0  #: a silent stream longer than this fails the turn
+    #: sent with the first request of each turn only (later rounds let the model answer): "auto", "none",
+    #: "required" or {"type": "function", "function": {"name": ...}} to force one tool (small models)
+    tool_choice: str | dict[str, Any] | None = None
 
     @property
     def chat_url(self) -> str:
@@ -138,6 +141,17 @@ def _headers(name: str, value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _tool_choice(name: str, value: Any) -> str | dict[str, Any]:
+    if value in ("auto", "none", "required"):
+        return value
+    function = value.get("function") if isinstance(value, dict) else None
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(function, dict) \
+            and function.get("name") in KNOWN_TOOLS:
+        return {"type": "function", "function": {"name": function["name"]}}
+    raise OptionError(f"option {name!r} must be 'auto', 'none', 'required' or "
+                      f"{{'type': 'function', 'function': {{'name': <a tool>}}}}, got {_show(value)}")
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -158,4 +172,5 @@ _PARSERS = {
     "max_retries": _integer(0, 10),
     "connect_timeout_s": _number(0.1, 600.0),
     "read_timeout_s": _number(0.1, 3600.0),
+    "tool_choice": _tool_choice,
 }
