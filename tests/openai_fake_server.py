@@ -33,6 +33,7 @@ class Script:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     steps: list[bytes | Pause | Stall] = field(default_factory=list)
+    stall_before_headers: bool = False  #: take the request, then answer nothing at all
 
 
 @dataclass
@@ -117,6 +118,10 @@ class FakeOpenAI:
                 with fake._lock:
                     fake.requests.append(Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body))
                     script = fake._scripts.popleft() if fake._scripts else error_script(500, "fake server: no script")
+                if script.stall_before_headers:
+                    fake.stalled.set()
+                    fake._released.wait(120)
+                    return
                 self.send_response(script.status)
                 headers = {"Content-Type": "text/event-stream", **script.headers}
                 for key, value in headers.items():

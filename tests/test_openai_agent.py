@@ -291,6 +291,14 @@ async def test_interrupting_a_stalled_stream_keeps_the_worker_and_the_history(su
         {"role": "user", "content": "again"}]
 
 
+async def test_interrupting_a_request_stalled_before_its_headers(supervisor: Supervisor,
+                                                                 fake: FakeOpenAI) -> None:
+    fake.push(Script(stall_before_headers=True))
+    handle = await agent(supervisor, fake)
+    events = await interrupt_when(handle, "t1", lambda ev: fake.stalled.is_set())
+    assert complete_of(events)["status"] == "interrupted" and handle.alive
+
+
 async def test_interrupting_a_slow_stream_keeps_what_was_shown(supervisor: Supervisor, fake: FakeOpenAI) -> None:
     steps: list[Any] = []
     for n in range(200):

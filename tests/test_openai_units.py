@@ -3,8 +3,6 @@ settings (no I/O, no server)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from hypothesis import given, settings as hsettings
 from hypothesis import strategies as st
