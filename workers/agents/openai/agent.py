@@ -26,6 +26,7 @@ from workers.agents.openai.tools import (
 
 SNAPSHOT_VERSION = 1
 _INTERRUPTED_RESULT = "[not run: the turn was interrupted]"
+_SUMMARY_EVENT_CHARS = 16_000
 
 
 class OpenAIAgent(Agent):
@@ -289,7 +290,11 @@ class _Conversation:
                 outcome = child.run([{"role": "user", "content": prompt}])
             except Exception as exc:  # a subagent's failure is the parent's tool result, not its crash
                 outcome = _Outcome("error", error=f"{type(exc).__name__}: {exc}")
-            fields: dict[str, Any] = {"status": outcome.status, "summary": outcome.summary}
+            # The event shows the summary within one chunk's size (events stay <= 64 KiB); the parent
+            # model gets all of it.
+            fields: dict[str, Any] = {"status": outcome.status, "summary": outcome.summary[:_SUMMARY_EVENT_CHARS]}
+            if len(outcome.summary) > _SUMMARY_EVENT_CHARS:
+                fields["summary_truncated"] = True
             if outcome.error:
                 fields["error"] = outcome.error
             self._turn.subagent_complete(subagent_id, **fields)
