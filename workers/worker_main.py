@@ -4,10 +4,12 @@ Life of a worker (started idle by the supervisor's warm pool, through the forkse
 
 1. become the leader of a new process group and session, lower its priority, and split into the session's
    keeper (``workers/keeper.py``: it ends everything the session started) and the worker proper;
-2. wait for CONTROL ``init`` {agent, options, cwd, session_id, sys_path}; load and start the agent; answer
-   ``ready`` {pid, agent} or ``init_failed`` {code, message} (4004 unknown agent, 5001 anything else);
+2. wait for CONTROL ``init`` {agent, options, cwd, session_id, sys_path, state?}; load the agent, hand it
+   ``state`` (``restore``) when present and not null, start it; answer ``ready`` {pid, agent} or
+   ``init_failed`` {code, message} (4004 unknown agent, 5001 anything else);
 3. run ``prompt`` {turn_id, text} one at a time on the main thread, each framed by ``turn.start`` and
-   exactly one ``turn.complete``; a reader thread takes ``cancel`` {turn_id} meanwhile;
+   exactly one ``turn.complete``, preceded by CONTROL ``state`` {state} when the agent has ``snapshot``;
+   a reader thread takes ``cancel`` {turn_id} meanwhile and runs the turn's cancel callbacks at once;
 4. when the control pipe from the gateway ends (or breaks), kill the whole group at once.
 """
 
@@ -24,8 +26,9 @@ from typing import Any
 
 from workers.agents.base import TurnCancelled, TurnHandle, TurnResult
 from workers.agents.registry import AgentLoadError, UnknownAgent, load_factory
-from workers.channel import BlockingChannel, ChannelError, Frame, Kind
 from workers import keeper
+from workers.channel import BlockingChannel, ChannelError, Frame, Kind, control_frame
+from workers.ops import Op
 from workers.scrub import set_extra_secrets
 
 logger = logging.getLogger("worker_gateway.worker")
@@ -64,17 +67,17 @@ def _serve(channel: BlockingChannel) -> None:
     if frame is None:
         _end_group()
         return
-    if frame.kind is not Kind.CONTROL or frame.name != "init":
-        channel.send_control("init_failed", {"code": INIT_FAILED,
-                                             "message": f"expected an init frame, got {frame.name!r}"})
+    if frame.kind is not Kind.CONTROL or frame.name != Op.INIT:
+        channel.send_control(Op.INIT_FAILED, {"code": INIT_FAILED,
+                                              "message": f"expected an init frame, got {frame.name!r}"})
         return
     body = frame.json()
     try:
         agent, name = _start_agent(body)
     except _InitError as exc:
-        channel.send_control("init_failed", {"code": exc.code, "message": str(exc)})
+        channel.send_control(Op.INIT_FAILED, {"code": exc.code, "message": str(exc)})
         return
-    channel.send_control("ready", {"pid": os.getpid(), "agent": name})
+    channel.send_control(Op.READY, {"pid": os.getpid(), "agent": name})
     _Session(channel, agent).serve()
 
 
@@ -114,6 +117,11 @@ def _start_agent(body: dict[str, Any]) -> tuple[Any, str]:
         raise _InitError(INIT_FAILED, str(exc)) from None
     try:
         agent = factory(options, os.getcwd())
+    except Exception as exc:
+        traceback.print_exc()
+        raise _InitError(INIT_FAILED, f"agent {name!r} failed to start: {type(exc).__name__}: {exc}") from None
+    _restore(agent, name, body.get("state"))
+    try:
         start = getattr(agent, "start", None)
         if start is not None:
             start()
@@ -125,6 +133,23 @@ def _start_agent(body: dict[str, Any]) -> tuple[Any, str]:
     return agent, name
 
 
+def _restore(agent: Any, name: str, state: Any) -> None:
+    """Hand a fresh worker's agent the session's last snapshot.  A failure fails the start loudly (5001)
+    rather than serving a conversation that silently lost its past; an agent that prefers to start empty
+    catches its own errors in ``restore``."""
+    if state is None:
+        return
+    restore = getattr(agent, "restore", None)
+    if restore is None:
+        return  # the state came from another agent or version: nothing here can use it
+    try:
+        restore(state)
+    except Exception as exc:
+        traceback.print_exc()
+        raise _InitError(INIT_FAILED,
+                         f"agent {name!r} failed to restore its state: {type(exc).__name__}: {exc}") from None
+
+
 class _Session:
     """Runs turns on the main thread; a daemon thread reads control frames (prompts, cancels)."""
 
@@ -133,7 +158,7 @@ class _Session:
         self._agent = agent
         self._prompts: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._current: tuple[Any, threading.Event] | None = None
+        self._current: TurnHandle | None = None
         self._early_cancel: Any = None
 
     def serve(self) -> None:
@@ -153,7 +178,7 @@ class _Session:
         _end_group()
 
     def _on_control(self, frame: Frame) -> None:
-        if frame.kind is not Kind.CONTROL or frame.name not in ("prompt", "cancel"):
+        if frame.kind is not Kind.CONTROL or frame.name not in (Op.PROMPT, Op.CANCEL):
             logger.warning("worker %d: ignoring frame %s %r", os.getpid(), frame.kind.name, frame.name)
             return
         try:
@@ -163,36 +188,54 @@ class _Session:
         if not isinstance(body, dict):
             logger.warning("worker %d: ignoring %r with a malformed body", os.getpid(), frame.name)
             return
-        if frame.name == "prompt":
+        if frame.name == Op.PROMPT:
             self._prompts.put(body)
         else:
             self._cancel(body.get("turn_id"))
 
     def _cancel(self, turn_id: Any) -> None:
         with self._lock:
-            if self._current is not None and self._current[0] == turn_id:
-                self._current[1].set()
-            else:  # the prompt may still be queued here: cancel it as it starts
+            current = self._current if self._current is not None and self._current.turn_id == turn_id else None
+            if current is None:  # the prompt may still be queued here: cancel it as it starts
                 self._early_cancel = turn_id
+        if current is not None:
+            current.cancel()  # runs the turn's cancel callbacks here, on the control thread, at once
 
     def _run_turn(self, body: dict[str, Any]) -> None:
         turn_id = body.get("turn_id")  # echoed as given: the gateway owns its type
         text = body.get("text")
         text = text if isinstance(text, str) else ""
-        cancel = threading.Event()
+        handle = TurnHandle(turn_id, self._emit)
         with self._lock:
-            self._current = (turn_id, cancel)
+            self._current = handle
             if self._early_cancel is not None and self._early_cancel == turn_id:
-                cancel.set()
+                handle.cancel()
                 self._early_cancel = None
-        handle = TurnHandle(turn_id, self._emit, cancel)
         self._channel.send_event("turn.start", {"turn_id": turn_id, "text": text})
         try:
             payload = self._complete_payload(turn_id, text, handle)
         finally:
             with self._lock:
                 self._current = None
+        state_error = self._send_snapshot()
+        if state_error is not None:
+            payload["state_error"] = state_error
         self._channel.send_event("turn.complete", payload)
+
+    def _send_snapshot(self) -> str | None:
+        """Send the agent's snapshot (CONTROL ``state``) before ``turn.complete``, so the gateway holds the
+        state of every completed turn.  Returns an error message when the snapshot could not be taken: the
+        turn's outcome stands, and the gateway keeps the previous state."""
+        snapshot = getattr(self._agent, "snapshot", None)
+        if snapshot is None:
+            return None
+        try:
+            frame = control_frame(Op.STATE, {"state": snapshot()})
+        except Exception as exc:  # raised, not JSON-able, or larger than a frame
+            traceback.print_exc()
+            return f"snapshot failed: {type(exc).__name__}: {exc}"
+        self._channel.send(frame)
+        return None
 
     def _emit(self, event_type: str, payload: dict[str, Any]) -> None:
         try:

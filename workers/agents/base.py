@@ -10,12 +10,15 @@ so neither the agent nor the gateway can forget to.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from workers.scrub import MAX_CHUNK_BYTES, scrub_chunks
+
+logger = logging.getLogger("worker_gateway.worker")
 
 TurnStatus = Literal["ok", "error", "interrupted"]
 Emit = Callable[[str, dict[str, Any]], None]
@@ -44,6 +47,11 @@ class Agent:
 
     Raising from ``__init__`` or ``start`` fails the session's creation (error 5001, with the message);
     raising from ``run_turn`` completes that turn with status ``error`` and the worker keeps serving.
+
+    State across workers (optional, both or neither): ``snapshot() -> JSON value`` is called after every
+    turn and sent to the gateway before that turn's ``turn.complete``; ``restore(state)`` is called on a
+    fresh worker of the same session with the last snapshot, before ``start()``.  A worker can die (an
+    interrupt that had to kill it, a crash, a gateway restart): what the agent must not forget goes there.
     """
 
     def __init__(self, options: Mapping[str, Any], cwd: str) -> None:
@@ -55,6 +63,9 @@ class Agent:
 
     def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
         raise NotImplementedError
+
+    # ``snapshot`` and ``restore`` are deliberately not defined here: the worker calls them only when an
+    # agent defines them, so an agent without state costs nothing after each turn.
 
 
 class TurnHandle:
@@ -68,7 +79,46 @@ class TurnHandle:
         self._emit = emit
         self._cancel = cancel or threading.Event()
         self._subagent_ids = itertools.count(1)
+        self._callbacks_lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._callback_ids = itertools.count(1)
         self.redactions = 0
+
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Run ``callback`` as soon as this turn is cancelled, on the worker's control thread (at once if
+        it already is).  For work that cannot poll :attr:`cancelled`: a blocked socket read is unblocked
+        by shutting the socket down from here.  Keep it short and non-blocking; an exception it raises is
+        logged and ignored.  Returns a function that unregisters the callback (call it once the blocking
+        work is over, so a later cancel does not touch a socket that was reused)."""
+        with self._callbacks_lock:
+            key = next(self._callback_ids)
+            self._callbacks[key] = callback
+            run_now = self._cancel.is_set()
+        if run_now:
+            self._run_callback(callback)
+
+        def unregister() -> None:
+            with self._callbacks_lock:
+                self._callbacks.pop(key, None)
+
+        return unregister
+
+    def cancel(self) -> None:
+        """Mark the turn cancelled and run the registered cancel callbacks (called by the worker's control
+        thread when the gateway sends ``cancel``; idempotent)."""
+        with self._callbacks_lock:
+            first = not self._cancel.is_set()
+            self._cancel.set()
+            callbacks = list(self._callbacks.values()) if first else []
+        for callback in callbacks:
+            self._run_callback(callback)
+
+    @staticmethod
+    def _run_callback(callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            logger.exception("a cancel callback failed")
 
     @property
     def cancelled(self) -> bool:
@@ -88,18 +138,34 @@ class TurnHandle:
         """A piece of the agent's reply (``message.delta``)."""
         self._emit("message.delta", {"turn_id": self.turn_id, "text": text})
 
+    def reasoning(self, text: str, **extra: Any) -> None:
+        """A piece of the model's reasoning (``reasoning.delta``)."""
+        self._emit("reasoning.delta", {"turn_id": self.turn_id, "text": text, **extra})
+
+    def tool_call(self, call_id: str, name: str, arguments: Any, **extra: Any) -> None:
+        """The agent decided to call a tool (``tool.call``); its output events carry the same ``call_id``."""
+        self._emit("tool.call", {"turn_id": self.turn_id, "call_id": call_id, "name": name,
+                                 "arguments": arguments, **extra})
+
     def tool_output(self, text: str, **extra: Any) -> int:
         """Tool output: scrubbed here, then sent as ``tool.output`` events of at most 64 KiB of text each,
         each carrying its ``redactions`` count.  ``extra`` fields (e.g. ``subagent_id``) are added to every
         event.  Returns the number of redactions."""
+        return self.scrubbed_tool_output(text, **extra)[1]
+
+    def scrubbed_tool_output(self, text: str, **extra: Any) -> tuple[str, int]:
+        """As :meth:`tool_output`, returning ``(the scrubbed text as sent, redactions)``: what an agent may
+        pass on (to a model) without leaking what the scrubber removed."""
         total = 0
+        sent: list[str] = []
         for chunk, count in scrub_chunks(text, MAX_CHUNK_BYTES):
             payload = {"turn_id": self.turn_id, "text": chunk, "redactions": count}
             payload.update(extra)
             self._emit("tool.output", payload)
+            sent.append(chunk)
             total += count
         self.redactions += total
-        return total
+        return "".join(sent), total
 
     def subagent_start(self, subagent_id: str | None = None, **fields: Any) -> str:
         """Announce a nested subagent (``subagent.start``); returns its id (generated when not given)."""

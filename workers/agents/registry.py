@@ -17,6 +17,7 @@ BUILTIN_AGENTS: dict[str, str] = {
     "echo": "workers.agents.echo:EchoAgent",
     "shell": "workers.agents.shell:ShellAgent",
     "load": "workers.agents.load:LoadAgent",
+    "openai": "workers.agents.openai:OpenAIAgent",
 }
 _SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
