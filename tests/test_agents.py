@@ -287,16 +287,9 @@ class TurnCounter(Agent):
 
 
 async def acquire_with_state(sup: Supervisor, agent: str, state: Any, options: dict | None = None) -> Any:
-    """A worker whose ``init`` carries ``state``.  The gateway side of snapshots (keeping the last state
-    and passing it on) is the lead's: use ``acquire(..., state=)`` once it exists, else send the init frame
-    this test needs by hand, through the supervisor's own pool."""
-    if "state" in inspect.signature(sup.acquire).parameters:
-        return await sup.acquire(agent, options or {}, None, "s1", state=state)  # type: ignore[call-arg]
-    handle = sup._take_pooled() or await sup._spawn()
-    handle.agent = agent
-    handle.send(Op.INIT, {"agent": agent, "options": options or {}, "cwd": None, "session_id": "s1",
-                          "sys_path": sys.path, "state": state})
-    return handle, await asyncio.wait_for(anext(handle.frames()), 20)
+    """A worker whose ``init`` carries ``state`` (the supervisor takes it encoded, as the gateway keeps it)."""
+    encoded = None if state is None else json.dumps(state).encode()
+    return await sup.acquire(agent, options or {}, None, "s1", state=encoded)
 
 
 def test_on_cancel_runs_at_once_when_registered_after_the_cancel() -> None:

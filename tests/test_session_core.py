@@ -168,3 +168,8 @@ def test_an_ack_never_exceeds_what_was_delivered() -> None:
     budget = iter([True, True, True, False])
     list(s.deliver(lambda: next(budget)))
     assert s.ack(10) == 3
+
+
+def test_a_restored_session_numbers_its_turns_past_its_history() -> None:
+    turns = TurnQueue("s1", max_queued=2, first_turn=41)
+    assert turns.submit("a").turn_id == "s1.t41"

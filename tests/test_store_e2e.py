@@ -243,7 +243,7 @@ async def test_agent_state_survives_a_crash_and_an_interrupt_that_kills_the_work
     gw = start(tmp_path, "--interrupt-grace-s", "0.5")
     try:
         async with RpcClient.connect(gw.url()) as client:
-            sid = (await client.call("session.create", agent="agents_for_tests:TurnCounter"))["session_id"]
+            sid = (await client.call("session.create", agent="tests.agents_for_tests:TurnCounter"))["session_id"]
             for _ in range(3):
                 assert (await client.run_turn(sid, "count"))["status"] == "ok"
             assert _count_of(client, sid)[0] == 3

@@ -68,6 +68,8 @@ class WorkerSlot:
 class Session:
     def __init__(self, session_id: str, agent: str, options: dict[str, Any], cwd: str, title: str,
                  close_on_disconnect: bool, stream: EventStream, max_queued_prompts: int) -> None:
+        # Restored sessions (stream.seq > 0) number their turns after every seq so far: each earlier turn
+        # used at least one seq, so no id repeats.
         self.id = session_id
         self.agent = agent
         self.options = options
@@ -75,7 +77,7 @@ class Session:
         self.title = title
         self.close_on_disconnect = close_on_disconnect
         self.stream = stream
-        self.turns = TurnQueue(session_id, max_queued_prompts)
+        self.turns = TurnQueue(session_id, max_queued_prompts, first_turn=stream.seq + 1)
         self.slot = WorkerSlot()
         self.created_at = time.time()
         self.created_mono = time.monotonic()

@@ -34,10 +34,12 @@ class Prompt:
 
 
 class TurnQueue:
-    def __init__(self, session_id: str, max_queued: int) -> None:
+    def __init__(self, session_id: str, max_queued: int, first_turn: int = 1) -> None:
         self._session_id = session_id
         self._max_queued = max_queued
-        self._ids = itertools.count(1)
+        # A session restored from the store starts past every earlier turn number (turn ids stay unique
+        # in its history: a client matching turn.complete by id never confuses a replayed one).
+        self._ids = itertools.count(first_turn)
         self._queue: collections.deque[Prompt] = collections.deque()
         self.status = SessionStatus.STARTING
         self.current: str | None = None
