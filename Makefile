@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8765
 PYTEST_ARGS ?=
 
-.PHONY: setup run test bench clean browser-deps chromium nginx js-test test-model
+.PHONY: setup run test bench clean browser-deps chromium nginx js-test test-model lint
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/worker-gateway serve --host $(HOST) --port $(PORT)
 
-test: setup browser-deps nginx js-test
+test: setup browser-deps nginx js-test lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The dashboard's pure ES modules (gateway/static/js/: seq bookkeeping, pending calls, storage, options),
@@ -98,6 +98,15 @@ $(MODEL_STAMP): $(STAMP) pyproject.toml
 
 test-model: $(MODEL_STAMP)
 	WORKER_GATEWAY_TEST_MODEL=1 $(PY) -m pytest tests/test_openai_model.py -p no:cacheprovider $(PYTEST_ARGS)
+
+# Lint, format and types of the shipped code (tests and benchmarks are checked by running them); the import
+# contracts run inside the suite (tests/test_layers.py).
+LINTED := gateway workers slash_worker.py pty_bridge.py
+
+lint: setup
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) -m bench

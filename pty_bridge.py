@@ -170,8 +170,9 @@ class PtyProcess:
     fd's lifetime: :meth:`terminate` ends the session, :meth:`close_master` closes the fd (idempotent).
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process, master_fd: int, cols: int, rows: int,
-                 program_pid: int, step_s: float) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, master_fd: int, cols: int, rows: int, program_pid: int, step_s: float
+    ) -> None:
         self._proc = proc
         self._master_fd: int | None = master_fd
         self.cols, self.rows = cols, rows
@@ -204,10 +205,21 @@ class PtyProcess:
         try:
             _set_winsize(master, cols, rows)
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, KEEPER_SCRIPT, "--parent-pid", str(os.getpid()), "--step", str(step_s),
-                "--status-fd", str(status_w), "--", *argv,
-                stdin=slave, stdout=slave, stderr=slave,
-                cwd=cwd, env=terminal_env(env),
+                sys.executable,
+                KEEPER_SCRIPT,
+                "--parent-pid",
+                str(os.getpid()),
+                "--step",
+                str(step_s),
+                "--status-fd",
+                str(status_w),
+                "--",
+                *argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=cwd,
+                env=terminal_env(env),
                 start_new_session=True,
                 pass_fds=(slave, status_w),
                 preexec_fn=_child_setup(slave, nice),
@@ -284,14 +296,19 @@ class PtyProcess:
             os.close(fd)
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 async def _read_status(fd: int) -> str:
     """One line from the keeper's status pipe, read without blocking the loop ("" at EOF)."""
     loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
     data = b""
     while b"\n" not in data:
-        readable = loop.create_future()
-        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _resolve, readable)
         try:
             await readable
         finally:
@@ -338,9 +355,15 @@ class Warden:
     @classmethod
     async def start(cls, poll_s: float) -> Warden:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), "--warden",
-            "--parent-pid", str(os.getpid()), "--poll", str(poll_s),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+            sys.executable,
+            os.path.abspath(__file__),
+            "--warden",
+            "--parent-pid",
+            str(os.getpid()),
+            "--poll",
+            str(poll_s),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
             start_new_session=True,  # a signal aimed at the gateway's group must not take the warden with it
         )
         return cls(proc)
@@ -366,7 +389,7 @@ class Warden:
             self._proc.stdin.close()
         try:
             await asyncio.wait_for(self._proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:
                 self._proc.kill()
             except ProcessLookupError:

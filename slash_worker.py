@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from workers import keeper
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
 from workers.scrub import scrub
-from workers import keeper
 
 logger = logging.getLogger("worker_gateway.slash_worker")
 
@@ -138,8 +138,11 @@ class CommandRegistry:
 
 def _as_command(name: str, obj: Any) -> Command:
     if isinstance(obj, Command):
-        return obj if obj.name == name else Command(name, obj.usage.replace(f"/{obj.name}", f"/{name}", 1),
-                                                    obj.help, obj.run)
+        return (
+            obj
+            if obj.name == name
+            else Command(name, obj.usage.replace(f"/{obj.name}", f"/{name}", 1), obj.help, obj.run)
+        )
     if callable(obj):
         doc = (getattr(obj, "__doc__", None) or "").strip()
         return Command(name, f"/{name}", doc.splitlines()[0] if doc else "(no help)", obj)
@@ -191,8 +194,14 @@ def _duration(seconds: float) -> str:
 
 
 _STATUS_FIELDS = (
-    ("session_id", "session"), ("title", "title"), ("agent", "agent"), ("status", "status"),
-    ("worker_pid", "worker pid"), ("uptime_s", "uptime"), ("turns", "turns"), ("queued", "queued prompts"),
+    ("session_id", "session"),
+    ("title", "title"),
+    ("agent", "agent"),
+    ("status", "status"),
+    ("worker_pid", "worker pid"),
+    ("uptime_s", "uptime"),
+    ("turns", "turns"),
+    ("queued", "queued prompts"),
     ("last_seq", "last seq"),
 )
 #: Shown only when the gateway passed them (the rest are always shown, as "unknown" when missing).
@@ -362,10 +371,19 @@ BUILTINS: tuple[Command, ...] = (
     Command("help", "/help", "list every command with one line of help", _cmd_help),
     Command("status", "/status", "the session: agent, worker pid, uptime, turns, last event seq", _cmd_status),
     Command("ls", "/ls [PATH]", "list a directory under the session directory", _cmd_ls),
-    Command("cat", "/cat FILE", f"show a file under the session directory (secrets redacted, first "
-            f"{OUTPUT_CAP // 1024} KiB)", _cmd_cat),
-    Command("grep", "/grep PATTERN [PATH]", "search files under the session directory with a Python regex "
-            "(secrets redacted; hidden dirs, node_modules, __pycache__ skipped)", _cmd_grep),
+    Command(
+        "cat",
+        "/cat FILE",
+        f"show a file under the session directory (secrets redacted, first {OUTPUT_CAP // 1024} KiB)",
+        _cmd_cat,
+    ),
+    Command(
+        "grep",
+        "/grep PATTERN [PATH]",
+        "search files under the session directory with a Python regex "
+        "(secrets redacted; hidden dirs, node_modules, __pycache__ skipped)",
+        _cmd_grep,
+    ),
 )
 
 
@@ -398,7 +416,7 @@ def _end_group() -> None:
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def serve(registry: CommandRegistry, in_fd: int, out_fd: int) -> None:
@@ -413,8 +431,9 @@ def serve(registry: CommandRegistry, in_fd: int, out_fd: int) -> None:
             if frame.kind is not Kind.CONTROL or frame.name != "exec":
                 continue
             request = frame.json()
-            ok, output = execute(registry, str(request.get("command", "")), str(request.get("cwd", ".")),
-                                 request.get("snapshot") or {})
+            ok, output = execute(
+                registry, str(request.get("command", "")), str(request.get("cwd", ".")), request.get("snapshot") or {}
+            )
             _write_all(out_fd, control_frame("result", {"id": request.get("id"), "ok": ok, "output": output}))
 
 
@@ -429,9 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames_fd = _claim_stdout()
     if args.nice:
         os.nice(args.nice)
-    keeper.fork_kept(gateway_pid=args.parent_pid, lifeline_fd=0, signals=(signal.SIGTERM, signal.SIGKILL),
-                     step_s=args.kill_grace, graceful_on_child_exit=False,
-                     poll_s=max(WATCHDOG_FLOOR_S, args.poll))
+    keeper.fork_kept(
+        gateway_pid=args.parent_pid,
+        lifeline_fd=0,
+        signals=(signal.SIGTERM, signal.SIGKILL),
+        step_s=args.kill_grace,
+        graceful_on_child_exit=False,
+        poll_s=max(WATCHDOG_FLOOR_S, args.poll),
+    )
     registry = build_registry()
     # Announce readiness so the gateway's per-command timeout never counts this interpreter's start-up.
     _write_all(frames_fd, control_frame("ready", {"pid": os.getpid()}))

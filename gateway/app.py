@@ -14,9 +14,10 @@ import logging
 import secrets
 import time
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,8 +29,8 @@ from gateway import PROTOCOL_VERSION, __version__, auth, keepalive, rpc
 from gateway.config import Config
 from gateway.connection import Connection
 from gateway.looplag import LoopLagMonitor
-from gateway.metrics import Metrics
 from gateway.methods import HANDLERS, CallContext, Components, Frames
+from gateway.metrics import Metrics
 from gateway.ratelimit import TokenBucket
 from gateway.ratelog import RateLimitedLog
 from gateway.sessions import SessionRegistry
@@ -121,19 +122,26 @@ class GatewayState:
 
     def ready_event(self, ping: keepalive.PingPolicy | None = None) -> str:
         """``gateway.ready`` for one connection: ``ping`` is that connection's own keepalive policy."""
-        return rpc.encode_event("gateway.ready", {
-            "version": __version__,
-            "protocol": PROTOCOL_VERSION,
-            "epoch": self.epoch,
-            "ping": (ping or self.bind_ping_policy()).as_wire(),
-        })
+        return rpc.encode_event(
+            "gateway.ready",
+            {
+                "version": __version__,
+                "protocol": PROTOCOL_VERSION,
+                "epoch": self.epoch,
+                "ping": (ping or self.bind_ping_policy()).as_wire(),
+            },
+        )
 
     def bind_ping_policy(self) -> keepalive.PingPolicy:
         """The policy when the ASGI server recorded none for a connection (not our protocol class)."""
         cfg = self.config
-        reason = (keepalive.PingReason.EXPLICIT if cfg.ping_explicit else
-                  keepalive.PingReason.LOOPBACK_PEER if cfg.ws_ping_interval is None else
-                  keepalive.PingReason.PUBLIC_BIND)
+        reason = (
+            keepalive.PingReason.EXPLICIT
+            if cfg.ping_explicit
+            else keepalive.PingReason.LOOPBACK_PEER
+            if cfg.ws_ping_interval is None
+            else keepalive.PingReason.PUBLIC_BIND
+        )
         return keepalive.PingPolicy(cfg.ws_ping_interval, cfg.ws_ping_timeout, reason)
 
 
@@ -160,17 +168,30 @@ def _check(state: GatewayState, conn_scope: WebSocket | Request, require_token: 
             # Ambiguous: which one would a check trust?
             return auth.Verdict(singleton.decode(), detail=f"the request has more than one {singleton.decode()} header")
     subprotocols = scope.get("subprotocols", []) if scope["type"] == "websocket" else []
-    return auth.check_handshake(state.config, _header_map(raw_headers), dict(conn_scope.query_params),
-                                subprotocols, require_token, scheme=scope.get("scheme"),
-                                server_port=_server_port(scope))
+    return auth.check_handshake(
+        state.config,
+        _header_map(raw_headers),
+        dict(conn_scope.query_params),
+        subprotocols,
+        require_token,
+        scheme=scope.get("scheme"),
+        server_port=_server_port(scope),
+    )
 
 
 def _log_rejection(conn_scope: WebSocket | Request, verdict: auth.Verdict) -> None:
     """One line naming the failed check; the client is the real one when a trusted proxy said so."""
     client = conn_scope.scope.get("client")
     peer = f"{client[0]}:{client[1]}" if client else "?"
-    _rejections.log(logging.WARNING, "handshake rejected: %s %s from %s: %s check failed: %s",
-                    conn_scope.scope["type"], conn_scope.url.path, peer, verdict.reason, verdict.detail)
+    _rejections.log(
+        logging.WARNING,
+        "handshake rejected: %s %s from %s: %s check failed: %s",
+        conn_scope.scope["type"],
+        conn_scope.url.path,
+        peer,
+        verdict.reason,
+        verdict.detail,
+    )
 
 
 async def _reject(state: GatewayState, websocket: WebSocket, verdict: auth.Verdict) -> None:
@@ -205,23 +226,32 @@ async def ws_endpoint(websocket: WebSocket) -> None:
     if len(state.connections) + pty_sockets >= state.config.max_connections:
         # Accepted only to say why in a typed error; 1013 = try again later.
         state.metrics.handshake_rejections.labels(reason="connection_limit").inc()
-        await websocket.send_text(rpc.encode_error(None, rpc.RpcError(
-            rpc.LIMIT_REACHED, f"connection limit reached: max_connections={state.config.max_connections}",
-            {"limit": "max_connections"})))
+        await websocket.send_text(
+            rpc.encode_error(
+                None,
+                rpc.RpcError(
+                    rpc.LIMIT_REACHED,
+                    f"connection limit reached: max_connections={state.config.max_connections}",
+                    {"limit": "max_connections"},
+                ),
+            )
+        )
         await websocket.close(code=1013, reason="connection limit reached")
         return
     metrics = state.metrics
     config = state.config
     ping = keepalive.from_scope(websocket.scope, state.bind_ping_policy())
-    conn = Connection(websocket, config.outbound_max_bytes, on_sent=metrics.bytes_sent.inc,
-                      stall_timeout=ping.stall_timeout)
+    conn = Connection(
+        websocket, config.outbound_max_bytes, on_sent=metrics.bytes_sent.inc, stall_timeout=ping.stall_timeout
+    )
     state.connections.add(conn)
     metrics.ws_connections.inc()
     metrics.ws_connections_total.inc()
     conn.start()
     conn.send(state.ready_event(ping))
-    receiving = asyncio.get_running_loop().create_task(_receive_loop(state, websocket, conn),
-                                                       name=f"ws-receiver-{conn.id}")
+    receiving = asyncio.get_running_loop().create_task(
+        _receive_loop(state, websocket, conn), name=f"ws-receiver-{conn.id}"
+    )
     try:
         # A peer that stopped reading never produces a disconnect (see Connection.stalled): stop waiting
         # for one then, so that its sessions are detached and reaped like any other disconnect.
@@ -257,8 +287,15 @@ async def _receive_loop(state: GatewayState, websocket: WebSocket, conn: Connect
             if data is None:
                 data = message.get("bytes")
                 if data is not None:
-                    conn.send(rpc.encode_error(None, rpc.RpcError(
-                        rpc.INVALID_REQUEST, "binary frames are not accepted on /ws: send JSON-RPC as text frames")))
+                    conn.send(
+                        rpc.encode_error(
+                            None,
+                            rpc.RpcError(
+                                rpc.INVALID_REQUEST,
+                                "binary frames are not accepted on /ws: send JSON-RPC as text frames",
+                            ),
+                        )
+                    )
                     continue
                 continue
             if not bucket.take():
@@ -294,11 +331,17 @@ def _answer_limit(conn: Connection, data: str, config: Config) -> None:
         request_id = rpc.parse_request(data, max_depth=config.max_json_depth).id
     except rpc.RequestError as exc:
         request_id = exc.request_id
-    conn.send(rpc.encode_error(request_id, rpc.RpcError(
-        rpc.LIMIT_REACHED,
-        f"rate limit reached: rate_per_s={config.rate_per_s:g} requests/s per connection "
-        f"(rate_burst={config.rate_burst}); slow down and retry",
-        {"limit": "rate_per_s"})))
+    conn.send(
+        rpc.encode_error(
+            request_id,
+            rpc.RpcError(
+                rpc.LIMIT_REACHED,
+                f"rate limit reached: rate_per_s={config.rate_per_s:g} requests/s per connection "
+                f"(rate_burst={config.rate_burst}); slow down and retry",
+                {"limit": "rate_per_s"},
+            ),
+        )
+    )
 
 
 async def _dispatch(ctx: CallContext, request: rpc.Request) -> None:
@@ -315,14 +358,22 @@ async def _dispatch(ctx: CallContext, request: rpc.Request) -> None:
             raise
         # Something the handler awaited was cancelled under it: still answer.
         if not request.is_notification:
-            conn.send(rpc.encode_error(request.id, rpc.RpcError(
-                rpc.INTERNAL_ERROR, f"{request.method} was cancelled before it completed; retry")))
+            conn.send(
+                rpc.encode_error(
+                    request.id,
+                    rpc.RpcError(rpc.INTERNAL_ERROR, f"{request.method} was cancelled before it completed; retry"),
+                )
+            )
         return
     except Exception as exc:  # a bug must cost one request, never the connection
         logger.exception("internal error in %s", request.method)
         if not request.is_notification:
-            conn.send(rpc.encode_error(request.id, rpc.RpcError(
-                rpc.INTERNAL_ERROR, f"internal error in {request.method}: {type(exc).__name__}")))
+            conn.send(
+                rpc.encode_error(
+                    request.id,
+                    rpc.RpcError(rpc.INTERNAL_ERROR, f"internal error in {request.method}: {type(exc).__name__}"),
+                )
+            )
         return
     if request.is_notification:
         return
@@ -354,8 +405,11 @@ async def metrics_endpoint(request: Request) -> Response:
         if not verdict.accepted:
             state.metrics.handshake_rejections.labels(reason=verdict.reason or "token").inc()
             _log_rejection(request, verdict)
-            return PlainTextResponse(f"forbidden: /metrics needs the token (or --metrics-public): {verdict.reason} "
-                                     f"check failed: {verdict.detail}\n", status_code=403)
+            return PlainTextResponse(
+                f"forbidden: /metrics needs the token (or --metrics-public): {verdict.reason} "
+                f"check failed: {verdict.detail}\n",
+                status_code=403,
+            )
     body, content_type = state.metrics.render(state)
     return Response(body, media_type=content_type)
 
@@ -394,8 +448,14 @@ def _set_token_cookie(request: Request, response: Response, token: str) -> None:
     gateway's path prefix behind a proxy, and Secure (``__Host-``/``__Secure-``) over https."""
     root = request.scope.get("root_path", "").rstrip("/")
     secure = request.url.scheme == "https"
-    response.set_cookie(auth.cookie_name(_server_port(request.scope), secure, root), auth.cookie_value(token),
-                        httponly=True, samesite="strict", path=root + "/", secure=secure)
+    response.set_cookie(
+        auth.cookie_name(_server_port(request.scope), secure, root),
+        auth.cookie_value(token),
+        httponly=True,
+        samesite="strict",
+        path=root + "/",
+        secure=secure,
+    )
 
 
 async def _posted_token(request: Request) -> str:

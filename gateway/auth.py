@@ -16,14 +16,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
-from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from gateway.config import Config, is_loopback_host
 from gateway.wire import COOKIE_NAME, SUBPROTOCOL, TOKEN_SUBPROTOCOL_PREFIX
-
 
 #: Longest piece of a client's header value repeated in a 403 body or a log line.
 _ECHO_MAX = 120
@@ -115,7 +114,7 @@ def presented_tokens(
         selected = SUBPROTOCOL
         for proto in subprotocols:
             if proto.startswith(TOKEN_SUBPROTOCOL_PREFIX):
-                found.append(proto[len(TOKEN_SUBPROTOCOL_PREFIX):])
+                found.append(proto[len(TOKEN_SUBPROTOCOL_PREFIX) :])
     cookie = _cookie_token(headers.get("cookie"))
     if cookie:
         found.append(cookie)
@@ -129,7 +128,7 @@ def _split_host(host_header: str) -> tuple[str, str | None]:
         end = value.find("]")
         if end == -1:
             return value, None
-        name, rest = value[1:end], value[end + 1:]
+        name, rest = value[1:end], value[end + 1 :]
         return name, rest[1:] if rest.startswith(":") else None
     if value.count(":") == 1:
         name, _, port = value.partition(":")
@@ -191,19 +190,30 @@ def check_handshake(
     host = headers.get("host")
     if config.loopback:
         if host is None:
-            return Verdict("host", detail="the request has no Host header; this gateway is bound to loopback "
-                           "and only answers requests whose Host names a loopback host")
+            return Verdict(
+                "host",
+                detail="the request has no Host header; this gateway is bound to loopback "
+                "and only answers requests whose Host names a loopback host",
+            )
         if not is_loopback_host(_split_host(host)[0]):
-            return Verdict("host", detail=(
-                f"Host {_echo(host)} is not a loopback host, and this gateway is bound to loopback "
-                f"({config.host}): the check defends against DNS rebinding. Behind a proxy or tunnel, make "
-                "it send Host: 127.0.0.1:<port> (nginx: proxy_set_header Host 127.0.0.1:<port>; cloudflared: "
-                "httpHostHeader) and list the public origin in --allow-origin"))
+            return Verdict(
+                "host",
+                detail=(
+                    f"Host {_echo(host)} is not a loopback host, and this gateway is bound to loopback "
+                    f"({config.host}): the check defends against DNS rebinding. Behind a proxy or tunnel, make "
+                    "it send Host: 127.0.0.1:<port> (nginx: proxy_set_header Host 127.0.0.1:<port>; cloudflared: "
+                    "httpHostHeader) and list the public origin in --allow-origin"
+                ),
+            )
     origin = headers.get("origin")
     if origin is not None and not origin_allowed(origin, host, config, scheme):
-        return Verdict("origin", detail=(
-            f"Origin {_echo(origin)} is not same-origin with this request (scheme {_HTTP_SCHEME.get(scheme or '', '?')}, "
-            f"Host {_echo(host or '')}) and is not listed in --allow-origin"))
+        return Verdict(
+            "origin",
+            detail=(
+                f"Origin {_echo(origin)} is not same-origin with this request (scheme {_HTTP_SCHEME.get(scheme or '', '?')}, "
+                f"Host {_echo(host or '')}) and is not listed in --allow-origin"
+            ),
+        )
     tokens, selected = presented_tokens(headers, query, subprotocols)
     if require_token and config.auth_required:
         assert config.token, "Config.with_token() must run before serving"
@@ -215,8 +225,12 @@ def check_handshake(
         for value in _dashboard_cookies(headers.get("cookie"), server_port):
             matched = tokens_match(value, expected_cookie) | matched
         if not matched:
-            return Verdict("token", detail=(
-                "missing or wrong token: give it as ?token=, an Authorization: Bearer header or the "
-                "worker-gateway.v1 + worker-gateway.token.<T> subprotocol pair, or open the dashboard URL "
-                "the gateway printed at start-up"))
+            return Verdict(
+                "token",
+                detail=(
+                    "missing or wrong token: give it as ?token=, an Authorization: Bearer header or the "
+                    "worker-gateway.v1 + worker-gateway.token.<T> subprotocol pair, or open the dashboard URL "
+                    "the gateway printed at start-up"
+                ),
+            )
     return Verdict(None, selected)

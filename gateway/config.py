@@ -15,9 +15,9 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from gateway.rootpath import normalize_root_path
 
@@ -96,17 +96,11 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
     return os.path.join(base, "worker-gateway")
 
 
-def store_state_dir(
-    config: Config, environ: Mapping[str, str] | None = None
-) -> str | None:
+def store_state_dir(config: Config, environ: Mapping[str, str] | None = None) -> str | None:
     """Where this run keeps its store: None with ``--no-state``, else ``--state-dir`` or the default."""
     if config.no_state:
         return None
-    return (
-        os.path.expanduser(config.state_dir)
-        if config.state_dir
-        else default_state_dir(environ)
-    )
+    return os.path.expanduser(config.state_dir) if config.state_dir else default_state_dir(environ)
 
 
 class ConfigError(ValueError):
@@ -132,9 +126,7 @@ def parse_value(knob: Knob, raw: str) -> Any:
     try:
         value = knob.kind(text)
     except ValueError:
-        raise ValueError(
-            f"expected {'an integer' if knob.kind is int else 'a number'}, got {raw!r}"
-        ) from None
+        raise ValueError(f"expected {'an integer' if knob.kind is int else 'a number'}, got {raw!r}") from None
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"expected a finite number, got {raw!r}")
     if knob.minimum is not None and value < knob.minimum:
@@ -153,9 +145,7 @@ def env_value(knob: Knob, environ: Mapping[str, str]) -> tuple[bool, Any]:
     try:
         return True, parse_value(knob, raw)
     except ValueError as exc:
-        logger.warning(
-            "ignoring %s: %s; using the default %r", knob.env, exc, knob.default
-        )
+        logger.warning("ignoring %s: %s; using the default %r", knob.env, exc, knob.default)
         return False, knob.default
 
 
@@ -207,9 +197,7 @@ class Config:
         "echo",
         "default agent for new sessions: built-in name, entry point or package.module:attr",
     )
-    token: str | None = knob(
-        str, None, "auth token (generated at start when unset)", optional=True
-    )
+    token: str | None = knob(str, None, "auth token (generated at start when unset)", optional=True)
     no_auth: bool = knob(
         bool,
         False,
@@ -237,9 +225,7 @@ class Config:
         None,
         optional=True,
     )
-    allow_origin: str = knob(
-        str, "", "comma-separated extra origins allowed to open WebSockets"
-    )
+    allow_origin: str = knob(str, "", "comma-separated extra origins allowed to open WebSockets")
     metrics_public: bool = knob(bool, False, "serve /metrics without auth")
     max_message_bytes: int = knob(
         int,
@@ -255,9 +241,7 @@ class Config:
         choices=("critical", "error", "warning", "info", "debug", "trace"),
     )
     # Workers
-    pool_size: int = knob(
-        int, 2, "warm agent workers kept ready (0 = cold start per session)", 0, 64
-    )
+    pool_size: int = knob(int, 2, "warm agent workers kept ready (0 = cold start per session)", 0, 64)
     kill_grace_s: float = knob(
         float,
         2.0,
@@ -272,12 +256,8 @@ class Config:
         0,
         19,
     )
-    worker_start_timeout_s: float = knob(
-        float, 30.0, "seconds a worker may take to load its agent", 1, 600
-    )
-    watchdog_poll_s: float = knob(
-        float, 0.5, "parent-death poll period of workers (floor 0.05 s)", 0.05, 2.0
-    )
+    worker_start_timeout_s: float = knob(float, 30.0, "seconds a worker may take to load its agent", 1, 600)
+    watchdog_poll_s: float = knob(float, 0.5, "parent-death poll period of workers (floor 0.05 s)", 0.05, 2.0)
     # Sessions
     grace_s: float = knob(
         float,
@@ -300,12 +280,8 @@ class Config:
         0.05,
         120,
     )
-    replay_max_events: int = knob(
-        int, 4096, "events kept per session for replay", 16, None
-    )
-    replay_max_bytes: int = knob(
-        int, 8 * _MIB, "bytes kept per session for replay", 65536, None
-    )
+    replay_max_events: int = knob(int, 4096, "events kept per session for replay", 16, None)
+    replay_max_bytes: int = knob(int, 8 * _MIB, "bytes kept per session for replay", 65536, None)
     outbound_max_bytes: int = knob(
         int,
         4 * _MIB,
@@ -313,13 +289,9 @@ class Config:
         65536,
         None,
     )
-    max_queued_prompts: int = knob(
-        int, 8, "prompts queued per session (beyond: error 4009)", 0, 1024
-    )
+    max_queued_prompts: int = knob(int, 8, "prompts queued per session (beyond: error 4009)", 0, 1024)
     # Limits
-    max_sessions: int = knob(
-        int, 64, "live sessions in total (beyond: error 4029)", 1, 100000
-    )
+    max_sessions: int = knob(int, 64, "live sessions in total (beyond: error 4029)", 1, 100000)
     max_sessions_per_connection: int = knob(
         int, 32, "live sessions owned by one connection (beyond: error 4029)", 1, 100000
     )
@@ -338,12 +310,8 @@ class Config:
         0.1,
         None,
     )
-    rate_burst: int = knob(
-        int, 400, "requests per connection allowed in a burst", 1, None
-    )
-    max_json_depth: int = knob(
-        int, 32, "deepest nesting accepted in a request (deeper: -32600)", 2, 1000
-    )
+    rate_burst: int = knob(int, 400, "requests per connection allowed in a burst", 1, None)
+    max_json_depth: int = knob(int, 32, "deepest nesting accepted in a request (deeper: -32600)", 2, 1000)
     # Slash commands and terminals
     slash_timeout_s: float = knob(
         float,
@@ -352,9 +320,7 @@ class Config:
         0.1,
         3600,
     )
-    terminal_grace_s: float = knob(
-        float, 300.0, "seconds a terminal outlives its dropped socket", 0, None
-    )
+    terminal_grace_s: float = knob(float, 300.0, "seconds a terminal outlives its dropped socket", 0, None)
     # --- session core ---
     blocked_detached_s: float | None = knob(
         float,
@@ -365,9 +331,7 @@ class Config:
         None,
         optional=True,
     )
-    max_title_chars: int = knob(
-        int, 4096, "longest session title accepted (longer: -32602)", 16, None
-    )
+    max_title_chars: int = knob(int, 4096, "longest session title accepted (longer: -32602)", 16, None)
     events_page_max_bytes: int = knob(
         int,
         8 * _MIB,
@@ -375,23 +339,16 @@ class Config:
         65536,
         None,
     )
-    events_page_max_events: int = knob(
-        int, 100000, "most events one session.events.since answer holds", 16, None
-    )
+    events_page_max_events: int = knob(int, 100000, "most events one session.events.since answer holds", 16, None)
     # --- session store ---
     state_dir: str | None = knob(
         str,
         None,
-        "directory of the session store (default $XDG_STATE_HOME/worker-gateway, else "
-        "~/.local/state/worker-gateway)",
+        "directory of the session store (default $XDG_STATE_HOME/worker-gateway, else ~/.local/state/worker-gateway)",
         optional=True,
     )
-    no_state: bool = knob(
-        bool, False, "keep sessions in memory only (no store; a restart loses them)"
-    )
-    retention_days: float = knob(
-        float, 30.0, "days a closed session stays stored", 0, None
-    )
+    no_state: bool = knob(bool, False, "keep sessions in memory only (no store; a restart loses them)")
+    retention_days: float = knob(float, 30.0, "days a closed session stays stored", 0, None)
     store_max_bytes: int = knob(
         int,
         1024 * _MIB,
@@ -444,9 +401,7 @@ class Config:
     terminal_attach_rate_per_s: float = knob(
         float, 20.0, "/pty attaches per second, gateway-wide (token bucket)", 0.1, None
     )
-    terminal_attach_burst: int = knob(
-        int, 40, "/pty attaches allowed in a burst", 1, None
-    )
+    terminal_attach_burst: int = knob(int, 40, "/pty attaches allowed in a burst", 1, None)
     # Derived at load time, not a setting: whether the ping flags were given explicitly.
     ping_explicit: bool = False
 
@@ -464,11 +419,7 @@ class Config:
 
     @property
     def allowed_origins(self) -> frozenset[str]:
-        return frozenset(
-            o.strip().rstrip("/").lower()
-            for o in self.allow_origin.split(",")
-            if o.strip()
-        )
+        return frozenset(o.strip().rstrip("/").lower() for o in self.allow_origin.split(",") if o.strip())
 
     @property
     def auth_required(self) -> bool:
@@ -495,16 +446,13 @@ class Config:
         """``--forwarded-allow-ips`` as uvicorn's ``forwarded_allow_ips`` list (empty: trust no one)."""
         if self.forwarded_allow_ips.strip().lower() in _NONE:
             return []
-        return [
-            item.strip() for item in self.forwarded_allow_ips.split(",") if item.strip()
-        ]
+        return [item.strip() for item in self.forwarded_allow_ips.split(",") if item.strip()]
 
     def validate(self) -> None:
         """Refuse combinations no fallback can make safe."""
         if not _ROOT_PATH_CHARS.fullmatch(self.normalized_root_path):
             raise ConfigError(
-                f"--root-path {self.root_path!r} may hold only letters, digits and - . _ ~ / "
-                "(e.g. --root-path /gw)"
+                f"--root-path {self.root_path!r} may hold only letters, digits and - . _ ~ / (e.g. --root-path /gw)"
             )
         for item in self.trusted_proxies:
             if item == "*":
@@ -524,9 +472,7 @@ class Config:
 
     # Construction ------------------------------------------------------------------------------------
     @classmethod
-    def load(
-        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
-    ) -> Config:
+    def load(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
         """Parse ``serve`` flags over environment variables over defaults."""
         environ = os.environ if environ is None else environ
         parser = build_parser()
@@ -534,9 +480,7 @@ class Config:
         return cls.from_namespace(ns, environ)
 
     @classmethod
-    def from_namespace(
-        cls, ns: argparse.Namespace, environ: Mapping[str, str]
-    ) -> Config:
+    def from_namespace(cls, ns: argparse.Namespace, environ: Mapping[str, str]) -> Config:
         values: dict[str, Any] = {}
         ping_explicit = False
         for knob in KNOBS:
@@ -553,9 +497,7 @@ class Config:
 
 #: Every setting, in declaration order: the fields of :class:`Config` declared with :func:`knob`.
 KNOBS: tuple[Knob, ...] = tuple(
-    Knob(f.name, default=f.default, **f.metadata["knob"])
-    for f in dataclasses.fields(Config)
-    if "knob" in f.metadata
+    Knob(f.name, default=f.default, **f.metadata["knob"]) for f in dataclasses.fields(Config) if "knob" in f.metadata
 )
 _KNOBS_BY_NAME = {k.name: k for k in KNOBS}
 
@@ -582,11 +524,7 @@ def _argparse_type(knob: Knob) -> Callable[[str], Any]:
 def add_knob_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per knob; unset flags stay ``_UNSET`` so the environment can fill them."""
     for knob in KNOBS:
-        default_text = (
-            "generated"
-            if knob.name == "token"
-            else ("none" if knob.default is None else knob.default)
-        )
+        default_text = "generated" if knob.name == "token" else ("none" if knob.default is None else knob.default)
         choices = f" ({', '.join(knob.choices)})" if knob.choices else ""
         help_text = f"{knob.help}{choices} [env {knob.env}; default {default_text}]"
         if knob.kind is bool:

@@ -14,7 +14,7 @@ import collections
 import enum
 import itertools
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from starlette.websockets import WebSocket
 
@@ -30,8 +30,13 @@ class ConnectionState(enum.Enum):
 
 
 class Connection:
-    def __init__(self, websocket: WebSocket, max_buffered_bytes: int,
-                 on_sent: Callable[[int], None] | None = None, stall_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        max_buffered_bytes: int,
+        on_sent: Callable[[int], None] | None = None,
+        stall_timeout: float | None = None,
+    ) -> None:
         self.id = next(_ids)
         self.websocket = websocket
         self.state = ConnectionState.OPEN
@@ -83,8 +88,11 @@ class Connection:
         loop = asyncio.get_running_loop()
         since = self._sending_since
         if since is not None and loop.time() - since >= self.stall_timeout:
-            logger.info("connection %s: no frame could be sent for %.1f s (peer not reading): dropping it",
-                        self.id, loop.time() - since)
+            logger.info(
+                "connection %s: no frame could be sent for %.1f s (peer not reading): dropping it",
+                self.id,
+                loop.time() - since,
+            )
             if self._sender is not None:
                 self._sender.cancel()  # blocked waiting for the transport to drain: nothing half-written
             self.mark_closed()
@@ -187,5 +195,5 @@ class Connection:
         """Wait (bounded) until everything queued has been handed to the socket, e.g. before a shutdown."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.state is ConnectionState.OPEN and self._queue and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+        while self.state is ConnectionState.OPEN and self._queue and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)  # shutdown only: a bounded poll is simpler than a drained event

@@ -69,13 +69,18 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
                 del pending[key]
         while len(pending) >= self.cap:
             _, oldest = pending.popitem(last=False)
-            _log.log(logging.WARNING, "%s: %d connections are waiting for a request head (cap %d): "
-                     "dropping the oldest", oldest._peer(), len(pending) + 1, self.cap)
+            _log.log(
+                logging.WARNING,
+                "%s: %d connections are waiting for a request head (cap %d): dropping the oldest",
+                oldest._peer(),
+                len(pending) + 1,
+                self.cap,
+            )
             oldest._disarm()
             oldest.transport.abort()
 
     def _peer(self) -> str:
-        return "%s:%d" % self.client if self.client else "peer"
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "peer"
 
     def _upgraded(self) -> bool:
         return self.transport.get_protocol() is not self
@@ -100,8 +105,12 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             return
         if self.cycle is not self._armed_cycle:  # a new request head arrived in time
             return
-        _log.log(logging.INFO, "%s: no complete request head within %gs: closing the connection",
-                 self._peer(), self.gateway_config.handshake_timeout_s)
+        _log.log(
+            logging.INFO,
+            "%s: no complete request head within %gs: closing the connection",
+            self._peer(),
+            self.gateway_config.handshake_timeout_s,
+        )
         self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
@@ -119,8 +128,12 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
 def protocol_class(config: Config) -> type[GuardedHTTPProtocol]:
     """The HTTP protocol class for uvicorn's ``http`` setting, bound to this gateway's settings."""
-    return type("GuardedHTTPProtocol", (GuardedHTTPProtocol,), {
-        "gateway_config": config,
-        "cap": pending_cap(config.max_pending_connections, _nofile()),
-        "pending": collections.OrderedDict(),
-    })
+    return type(
+        "GuardedHTTPProtocol",
+        (GuardedHTTPProtocol,),
+        {
+            "gateway_config": config,
+            "cap": pending_cap(config.max_pending_connections, _nofile()),
+            "pending": collections.OrderedDict(),
+        },
+    )

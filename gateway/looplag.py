@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class LoopLagMonitor:
-    def __init__(self, interval_s: float = 0.1, window: int = 600,
-                 observer: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self, interval_s: float = 0.1, window: int = 600, observer: Callable[[float], None] | None = None
+    ) -> None:
         self.interval_s = interval_s
         self._samples: collections.deque[float] = collections.deque(maxlen=window)
         self._observer = observer

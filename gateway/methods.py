@@ -56,10 +56,25 @@ Handler = Callable[[CallContext, dict[str, Any]], Awaitable[Reply]]
 
 def limits(config: Config) -> dict[str, Any]:
     """The limits ``gateway.info`` reports: the knobs a client can run into."""
-    names = ("max_message_bytes", "max_sessions", "max_sessions_per_connection", "max_queued_prompts",
-             "max_terminals", "max_connections", "rate_per_s", "rate_burst", "replay_max_events",
-             "replay_max_bytes", "grace_s", "idle_ttl_s", "interrupt_grace_s", "slash_timeout_s",
-             "max_title_chars", "events_page_max_bytes", "events_page_max_events")
+    names = (
+        "max_message_bytes",
+        "max_sessions",
+        "max_sessions_per_connection",
+        "max_queued_prompts",
+        "max_terminals",
+        "max_connections",
+        "rate_per_s",
+        "rate_burst",
+        "replay_max_events",
+        "replay_max_bytes",
+        "grace_s",
+        "idle_ttl_s",
+        "interrupt_grace_s",
+        "slash_timeout_s",
+        "max_title_chars",
+        "events_page_max_bytes",
+        "events_page_max_events",
+    )
     return {name: getattr(config, name) for name in names}
 
 

@@ -9,12 +9,14 @@ of the relay are plain integers (:class:`LoopCounter`): they are bumped on the l
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator, Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
 
 class LiveState(Protocol):
     """What the gauges are read from at render time (the gateway's state; nothing here imports it)."""
@@ -31,10 +33,32 @@ class LiveState(Protocol):
     @property
     def lag(self) -> Any: ...  # .snapshot() -> {"p99": ms, "max": ms}
 
+
 #: Loop lag: fine below 50 ms (the range the design promises to stay in), coarse above it (the range an
 #: in-process design lives in), so that a p99 interpolated from the buckets is meaningful in both.
-LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
-               0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+LAG_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+)
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 #: ``turn.complete`` payloads are small; one larger than this is counted without reading its status.
 _MAX_STATUS_PAYLOAD = 4096
@@ -48,7 +72,7 @@ class LoopCounter:
     relayed events per second (three increments each) that was a few percent of the loop's time.
     """
 
-    __slots__ = ("name", "documentation", "value")
+    __slots__ = ("documentation", "name", "value")
 
     def __init__(self, name: str, documentation: str) -> None:
         self.name = name
@@ -74,13 +98,17 @@ class _LoopCounters(Collector):
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.loop_lag = Histogram("wg_loop_lag_seconds", "How late the event loop woke up (sampled every 100 ms)",
-                                  buckets=LAG_BUCKETS, registry=r)
+        self.loop_lag = Histogram(
+            "wg_loop_lag_seconds",
+            "How late the event loop woke up (sampled every 100 ms)",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         self.ws_connections = Gauge("wg_websocket_connections", "Open /ws connections", registry=r)
-        self.ws_connections_total = Counter("wg_websocket_connections_opened", "Accepted /ws connections",
-                                            registry=r)
-        self.handshake_rejections = Counter("wg_handshake_rejections", "Rejected handshakes and requests by reason",
-                                            ["reason"], registry=r)
+        self.ws_connections_total = Counter("wg_websocket_connections_opened", "Accepted /ws connections", registry=r)
+        self.handshake_rejections = Counter(
+            "wg_handshake_rejections", "Rejected handshakes and requests by reason", ["reason"], registry=r
+        )
         self.requests = Counter("wg_requests", "JSON-RPC requests by method", ["method"], registry=r)
         # The relay's hot path: one increment of each per event.
         self.events_relayed = LoopCounter("wg_events_relayed", "Session events relayed from workers")
@@ -89,17 +117,26 @@ class Metrics:
         r.register(_LoopCounters([self.events_relayed, self.bytes_relayed, self.bytes_sent]))
         self.reaps = Counter("wg_session_closes", "Sessions closed, by reason", ["reason"], registry=r)
         self.turns = Counter("wg_turns_completed", "Turns completed, by status", ["status"], registry=r)
-        self.worker_start = Histogram("wg_worker_start_seconds", "session.create until the worker is ready",
-                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.teardown = Histogram("wg_teardown_seconds", "Teardown funnel: start until every process group is gone",
-                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.worker_start = Histogram(
+            "wg_worker_start_seconds", "session.create until the worker is ready", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.teardown = Histogram(
+            "wg_teardown_seconds",
+            "Teardown funnel: start until every process group is gone",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.worker_exits = Counter("wg_worker_exits", "Worker exits, expected or not", ["expected"], registry=r)
         self._sessions = Gauge("wg_sessions", "Live sessions by status", ["status"], registry=r)
         self._workers = Gauge("wg_workers_alive", "Agent worker processes alive (pooled and in use)", registry=r)
         self._pool = Gauge("wg_warm_pool_ready", "Warm workers ready in the pool", registry=r)
         self._terminals = Gauge("wg_terminals", "Open terminals", registry=r)
-        self._lag_recent = Gauge("wg_loop_lag_recent_seconds",
-                                 "Loop lag over the monitor's recent window (about a minute)", ["stat"], registry=r)
+        self._lag_recent = Gauge(
+            "wg_loop_lag_recent_seconds",
+            "Loop lag over the monitor's recent window (about a minute)",
+            ["stat"],
+            registry=r,
+        )
 
     def turn_completed(self, payload_json: bytes) -> None:
         """Count a ``turn.complete`` by its status, read from the (small) pre-encoded payload."""

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gateway.ratelimit import TokenBucket
 
 
 class RateLimitedLog:
-    def __init__(self, logger: logging.Logger, rate_per_s: float = 2.0, burst: int = 20,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        rate_per_s: float = 2.0,
+        burst: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._logger = logger
         self._bucket = TokenBucket(rate_per_s, burst, clock)
         self.suppressed = 0

@@ -9,7 +9,8 @@ start with it, which is what starlette's routing strips.  The bare prefix (``/gw
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -44,8 +45,13 @@ class RootPathMiddleware:
         if path == root and scope["type"] == "http":
             query = scope.get("query_string", b"")
             location = root + "/" + (("?" + query.decode("latin-1")) if query else "")
-            await send({"type": "http.response.start", "status": 308,
-                        "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 308,
+                    "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0")],
+                }
+            )
             await send({"type": "http.response.body", "body": b""})
             return
         new_path = prefixed(path, root)

@@ -149,8 +149,7 @@ def validate_params(method: str, params: dict[str, Any], spec: dict[str, dict[st
     for key in params:
         if key not in expected:
             allowed = ", ".join(sorted(expected)) or "none"
-            raise RpcError(INVALID_PARAMS, f"unknown param {key!r} for {method} (accepted: {allowed})",
-                           {"param": key})
+            raise RpcError(INVALID_PARAMS, f"unknown param {key!r} for {method} (accepted: {allowed})", {"param": key})
     for key, p in expected.items():
         if key not in params:
             if p.required:
@@ -159,11 +158,15 @@ def validate_params(method: str, params: dict[str, Any], spec: dict[str, dict[st
         value = params[key]
         if not any(_type_ok(value, t) for t in p.types):
             want = " or ".join(t.replace("_", " of ") if t != "string_list" else "array of strings" for t in p.types)
-            raise RpcError(INVALID_PARAMS, f"param {key!r} of {method} must be {want}, got {_type_name(value)}",
-                           {"param": key})
+            raise RpcError(
+                INVALID_PARAMS, f"param {key!r} of {method} must be {want}, got {_type_name(value)}", {"param": key}
+            )
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-            raise RpcError(INVALID_PARAMS, f"param {key!r} of {method} is out of range: integers must lie within "
-                           f"+/-{MAX_INT} (2**53 - 1)", {"param": key})
+            raise RpcError(
+                INVALID_PARAMS,
+                f"param {key!r} of {method} is out of range: integers must lie within +/-{MAX_INT} (2**53 - 1)",
+                {"param": key},
+            )
 
 
 def json_depth_exceeds(value: Any, limit: int) -> bool:
@@ -244,8 +247,14 @@ def parse_request(
     if _SURROGATE_HINT.search(text) and has_lone_surrogate(obj):
         if has_lone_surrogate(req_id):
             req_id = None
-        raise RequestError(RpcError(INVALID_REQUEST, "request holds a string with an unpaired UTF-16 surrogate "
-                                    "(e.g. \"\\ud800\"): strings must be valid Unicode"), req_id)
+        raise RequestError(
+            RpcError(
+                INVALID_REQUEST,
+                "request holds a string with an unpaired UTF-16 surrogate "
+                '(e.g. "\\ud800"): strings must be valid Unicode',
+            ),
+            req_id,
+        )
     if json_depth_exceeds(obj, max_depth):
         raise RequestError(RpcError(INVALID_REQUEST, f"request nests deeper than {max_depth} levels"), req_id)
     if obj.get("jsonrpc") != JSONRPC:
@@ -253,14 +262,16 @@ def parse_request(
     if "id" in obj and not _valid_id(raw_id):
         raise RequestError(
             RpcError(INVALID_REQUEST, f'"id" must be an integer or a string of at most {MAX_ID_LENGTH} characters'),
-            None)
+            None,
+        )
     method = obj.get("method")
     if not isinstance(method, str):
         raise RequestError(RpcError(INVALID_REQUEST, '"method" must be a string'), req_id)
     extra = set(obj) - {"jsonrpc", "id", "method", "params"}
     if extra:
-        raise RequestError(RpcError(INVALID_REQUEST, f"unknown member(s) in request: {', '.join(sorted(extra))}"),
-                           req_id)
+        raise RequestError(
+            RpcError(INVALID_REQUEST, f"unknown member(s) in request: {', '.join(sorted(extra))}"), req_id
+        )
     params = obj.get("params", {})
     if params is None:
         params = {}
@@ -302,15 +313,28 @@ def encode_error(request_id: int | str | None, error: RpcError) -> str:
 
 def encode_event(event_type: str, payload: Any, session_id: str | None = None, seq: int | None = None) -> str:
     """An event built from Python values (gateway-originated events; small by construction)."""
-    return _dumps({"jsonrpc": JSONRPC, "method": "event",
-                   "params": {"type": event_type, "session_id": session_id, "seq": seq, "payload": payload}})
+    return _dumps(
+        {
+            "jsonrpc": JSONRPC,
+            "method": "event",
+            "params": {"type": event_type, "session_id": session_id, "seq": seq, "payload": payload},
+        }
+    )
 
 
 def wrap_event(event_type: str, payload_json: bytes, session_id: str, seq: int) -> bytes:
     """The envelope around a worker's pre-encoded payload, built by concatenation: the payload is never
     decoded on the gateway's loop.  ``event_type`` and ``session_id`` are gateway-controlled ASCII tokens."""
-    return b"".join((
-        b'{"jsonrpc":"2.0","method":"event","params":{"type":"', event_type.encode("ascii"),
-        b'","session_id":"', session_id.encode("ascii"), b'","seq":', str(seq).encode("ascii"),
-        b',"payload":', payload_json, b"}}",
-    ))
+    return b"".join(
+        (
+            b'{"jsonrpc":"2.0","method":"event","params":{"type":"',
+            event_type.encode("ascii"),
+            b'","session_id":"',
+            session_id.encode("ascii"),
+            b'","seq":',
+            str(seq).encode("ascii"),
+            b',"payload":',
+            payload_json,
+            b"}}",
+        )
+    )

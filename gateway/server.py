@@ -18,17 +18,18 @@ import re
 import socket
 import sys
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 
+from gateway import procfs, wire
 from gateway.app import GatewayState, create_app
 from gateway.config import Config, ConfigError
-from gateway import procfs, wire
-from gateway.loops import select_loop_factory
-from gateway.store.errors import StoreError
-from gateway.rootpath import RootPathMiddleware
 from gateway.httpproto import protocol_class as http_protocol_class
+from gateway.loops import select_loop_factory
+from gateway.rootpath import RootPathMiddleware
+from gateway.store.errors import StoreError
 from gateway.wsproto import protocol_class
 
 logger = logging.getLogger("worker_gateway.server")
@@ -60,8 +61,9 @@ def bind_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno in (errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", -1)):
-            raise StartupError(f"port {port} on {host} is already in use; pick another with --port "
-                               "(or --port 0 for any free port)") from None
+            raise StartupError(
+                f"port {port} on {host} is already in use; pick another with --port (or --port 0 for any free port)"
+            ) from None
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise StartupError(f"not allowed to bind {host}:{port} ({exc.strerror}); use a port above 1023") from None
         if exc.errno == errno.EADDRNOTAVAIL:
@@ -114,8 +116,10 @@ class RedactTokens(logging.Filter):
             record.msg = self._mask(record.msg)
         if record.args:
             args = record.args if isinstance(record.args, tuple) else (record.args,)
-            record.args = tuple(self._mask(a) if isinstance(a, str) else
-                                self._mask(a.decode("latin-1")) if isinstance(a, bytes) else a for a in args)
+            record.args = tuple(
+                self._mask(a) if isinstance(a, str) else self._mask(a.decode("latin-1")) if isinstance(a, bytes) else a
+                for a in args
+            )
         return True
 
 
@@ -135,8 +139,10 @@ def describe_ping(cfg: Config) -> str:
     if cfg.ping_explicit:
         return "off" if cfg.ws_ping_interval is None else configured
     if cfg.loopback:
-        return (f"off for direct loopback peers, {_seconds(wire.PUBLIC_PING_INTERVAL_S)}/"
-                f"{_seconds(wire.PUBLIC_PING_TIMEOUT_S)} for proxied or remote ones")
+        return (
+            f"off for direct loopback peers, {_seconds(wire.PUBLIC_PING_INTERVAL_S)}/"
+            f"{_seconds(wire.PUBLIC_PING_TIMEOUT_S)} for proxied or remote ones"
+        )
     return configured
 
 
@@ -167,8 +173,11 @@ class GatewayServer(uvicorn.Server):
         sys.stdout.flush()
         dashboard = f"{base}?token={cfg.token}" if cfg.token else base
         ping = describe_ping(cfg)
-        print(f"worker-gateway: serving on {base} (agent {cfg.agent}, ping {ping}); dashboard: {dashboard}",
-              file=sys.stderr, flush=True)
+        print(
+            f"worker-gateway: serving on {base} (agent {cfg.agent}, ping {ping}); dashboard: {dashboard}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Sessions first, while their owners are still connected to hear session.closed(shutdown).

@@ -89,15 +89,18 @@ class SlashRunner:
                     return await self._roundtrip(worker, request_id, command, snapshot)
             except TimeoutError:
                 await self._stop(worker, grace_s=0.0)
-                return _failure(f"{name} timed out after {timeout:g} s; its slash worker was stopped "
-                                "(the next command starts a fresh one)")
+                return _failure(
+                    f"{name} timed out after {timeout:g} s; its slash worker was stopped "
+                    "(the next command starts a fresh one)"
+                )
             except (_WorkerGone, ChannelError, ConnectionError) as exc:
                 await self._stop(worker, grace_s=0.0)
                 if self._state is SlashState.CLOSED:
                     return _failure(f"the session closed while {name} was running")
                 detail = describe_exit(worker.proc.returncode) if isinstance(exc, _WorkerGone) else str(exc)
-                return _failure(f"the slash worker died while running {name} ({detail}); "
-                                "the next command starts a fresh one")
+                return _failure(
+                    f"the slash worker died while running {name} ({detail}); the next command starts a fresh one"
+                )
             except BaseException:
                 worker.proc.kill()
                 self._forget(worker)
@@ -118,14 +121,18 @@ class SlashRunner:
             return self._worker
         if self._worker is not None:  # died between commands: make sure nothing of its group is left
             await self._stop(self._worker, grace_s=0.0)
-        proc = await start_slash_worker(cwd=self._cwd, gateway_pid=os.getpid(),
-                                        poll_s=self._config.watchdog_poll_s, nice=self._config.worker_nice,
-                                        kill_grace_s=self._config.kill_grace_s)
+        proc = await start_slash_worker(
+            cwd=self._cwd,
+            gateway_pid=os.getpid(),
+            poll_s=self._config.watchdog_poll_s,
+            nice=self._config.worker_nice,
+            kill_grace_s=self._config.kill_grace_s,
+        )
         worker = _Worker(proc)
         self._worker = worker
         try:
             await asyncio.wait_for(self._await_ready(worker), self._config.worker_start_timeout_s)
-        except (asyncio.TimeoutError, _WorkerGone, ChannelError) as exc:
+        except (TimeoutError, _WorkerGone, ChannelError) as exc:
             await self._stop(worker, grace_s=0.0)
             raise OSError(f"the slash worker did not become ready ({type(exc).__name__})") from None
         if self._state is SlashState.CLOSED:  # close() ran while the worker was starting
@@ -144,12 +151,16 @@ class SlashRunner:
             if any(f.kind is Kind.CONTROL and f.name == "ready" for f in worker.decoder.feed(data)):
                 return
 
-    async def _roundtrip(self, worker: _Worker, request_id: int, command: str,
-                         snapshot: dict[str, Any]) -> dict[str, Any]:
+    async def _roundtrip(
+        self, worker: _Worker, request_id: int, command: str, snapshot: dict[str, Any]
+    ) -> dict[str, Any]:
         proc = worker.proc
         assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(control_frame("exec", {
-            "id": request_id, "command": command, "cwd": self._cwd, "snapshot": _plain(snapshot)}))
+        proc.stdin.write(
+            control_frame(
+                "exec", {"id": request_id, "command": command, "cwd": self._cwd, "snapshot": _plain(snapshot)}
+            )
+        )
         await proc.stdin.drain()
         while True:
             data = await proc.stdout.read(_READ_CHUNK)
@@ -185,8 +196,4 @@ def _failure(message: str) -> dict[str, Any]:
 
 def _plain(snapshot: dict[str, Any]) -> dict[str, Any]:
     """The snapshot as JSON-safe scalars (the gateway's own objects become their ``str``)."""
-    return {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
-            for k, v in snapshot.items()}
-
-
-
+    return {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v) for k, v in snapshot.items()}

@@ -58,7 +58,7 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             scope["extensions"][keepalive.SCOPE_EXTENSION] = keepalive.to_scope(policy)
 
     def _peer(self) -> str:
-        return "%s:%d" % self.client if self.client else "peer"
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "peer"
 
     def send_receive_event_to_app(self) -> None:
         if self.curr_msg_data_type != "text":
@@ -72,8 +72,12 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             text = data.decode()
         except UnicodeDecodeError as exc:
             # RFC 6455 section 8.1: fail the connection (1007).  One line, not uvicorn's traceback.
-            _frame_log.log(logging.WARNING, "%s: invalid UTF-8 in a text frame at byte %d: closing with 1007",
-                           self._peer(), exc.start)
+            _frame_log.log(
+                logging.WARNING,
+                "%s: invalid UTF-8 in a text frame at byte %d: closing with 1007",
+                self._peer(),
+                exc.start,
+            )
             self.conn.send_close(1007)
             self.handle_parser_exception()
             return
@@ -88,8 +92,12 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.disconnected:
             return
         peer = self._peer()
-        logger.info("%s: no pong within %gs of a keepalive ping (%s): aborting the connection",
-                    peer, self.ping_timeout or 0, self.ping_policy.reason if self.ping_policy else "?")
+        logger.info(
+            "%s: no pong within %gs of a keepalive ping (%s): aborting the connection",
+            peer,
+            self.ping_timeout or 0,
+            self.ping_policy.reason if self.ping_policy else "?",
+        )
         self._abort()
 
     def _abort(self) -> None:
@@ -106,8 +114,11 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
     def _abort_lingering(self) -> None:
         self._linger_timer = None
         if not self.disconnected:
-            logger.info("%s: connection still not closed %gs after its handler ended: aborting it",
-                        self._peer(), LINGER_ABORT_S + self.close_timeout)
+            logger.info(
+                "%s: connection still not closed %gs after its handler ended: aborting it",
+                self._peer(),
+                LINGER_ABORT_S + self.close_timeout,
+            )
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:

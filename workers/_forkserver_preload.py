@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import gc
 
-import workers.agents.echo  # noqa: F401
-import workers.agents.load  # noqa: F401
-import workers.agents.shell  # noqa: F401
+import workers.agents.echo
+import workers.agents.load
+import workers.agents.shell
 import workers.worker_main  # noqa: F401
 
 gc.collect()

@@ -101,7 +101,8 @@ class FrameDecoder:
             length, kind, name_len = _HEADER.unpack_from(buf, pos)
             if length > self._max or length < 2 + name_len:
                 self._broken = ChannelError(
-                    f"corrupt frame header: length {length}, name length {name_len} (limit {self._max})")
+                    f"corrupt frame header: length {length}, name length {name_len} (limit {self._max})"
+                )
                 raise self._broken
             if kind not in (1, 2):
                 self._broken = ChannelError(f"corrupt frame header: unknown kind {kind}")
@@ -149,8 +150,9 @@ class FrameReader:
     transport pauses reading and resumes once the consumer has drained half.  Single consumer.
     """
 
-    def __init__(self, *, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-                 max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES) -> None:
+    def __init__(
+        self, *, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES, max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES
+    ) -> None:
         if max_queued_bytes < 1 or max_queued_frames < 1:
             raise ValueError("queue bounds must be positive")
         self._max_bytes = max_queued_bytes
@@ -258,8 +260,7 @@ class FrameReader:
         return self._queued_bytes >= self._max_bytes or len(self._frames) >= self._max_frames
 
     def _maybe_resume(self) -> None:
-        if (self._paused and self._queued_bytes <= self._max_bytes // 2
-                and len(self._frames) <= self._max_frames // 2):
+        if self._paused and self._queued_bytes <= self._max_bytes // 2 and len(self._frames) <= self._max_frames // 2:
             self._paused = False
             if self._transport is not None and not self._done:
                 self._transport.resume_reading()
@@ -346,8 +347,9 @@ def _pipe_file(loop: asyncio.AbstractEventLoop, fd: int, mode: str) -> Any:
     return open(fd, mode, buffering=0, closefd=owns_fd)
 
 
-async def open_frame_reader(fd: int, *, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
-                            max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES) -> FrameReader:
+async def open_frame_reader(
+    fd: int, *, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES, max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES
+) -> FrameReader:
     """Wrap the read end ``fd`` of a pipe (ownership passes to the reader) in a :class:`FrameReader`."""
     loop = asyncio.get_running_loop()
     reader = FrameReader(max_queued_bytes=max_queued_bytes, max_queued_frames=max_queued_frames)

@@ -49,7 +49,7 @@ def parse_stat(pid: int, text: str) -> ProcInfo | None:
     close = text.rfind(")")
     if close < 0:
         return None
-    fields = text[close + 2:].split()
+    fields = text[close + 2 :].split()
     if len(fields) < 20:
         return None
     try:
@@ -169,8 +169,9 @@ def reap_children() -> dict[int, int]:
         reaped[pid] = status
 
 
-def kill_session(sid: int, *, root: int | None = None, timeout: float = 5.0,
-                 reap: Callable[[], object] | None = None) -> bool:
+def kill_session(
+    sid: int, *, root: int | None = None, timeout: float = 5.0, reap: Callable[[], object] | None = None
+) -> bool:
     """SIGKILL every target of session ``sid`` (see :func:`session_targets`) until a scan finds none; True
     if none was left before ``timeout``.  Processes forked meanwhile are found by the next scan (their
     parent is dead, so they are reparented to ``root`` when it is a subreaper).  ``reap``: called before each

@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import select
 import signal
-import time
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from workers import contain
@@ -43,9 +43,18 @@ _MIN_POLL_S = 0.05
 keeper_pid: int | None = None
 
 
-def fork_kept(*, gateway_pid: int, lifeline_fd: int | None, signals: Sequence[int], step_s: float,
-              graceful_on_child_exit: bool, poll_s: float = 0.5, keep_stderr: bool = True,
-              child_own_group: bool = False, on_forked: Callable[[int], None] | None = None) -> None:
+def fork_kept(
+    *,
+    gateway_pid: int,
+    lifeline_fd: int | None,
+    signals: Sequence[int],
+    step_s: float,
+    graceful_on_child_exit: bool,
+    poll_s: float = 0.5,
+    keep_stderr: bool = True,
+    child_own_group: bool = False,
+    on_forked: Callable[[int], None] | None = None,
+) -> None:
     """Split the calling session leader into a keeper and its kept child.  Returns in the child only; the
     keeper runs until the session is over and then exits the process (``os._exit``).
 
@@ -88,8 +97,18 @@ def fork_kept(*, gateway_pid: int, lifeline_fd: int | None, signals: Sequence[in
     try:
         if on_forked is not None:
             on_forked(child)
-        status = _Keeper(child, gateway_pid, lifeline_fd, (wake_r, wake_w), received, tuple(signals), step_s,
-                         graceful_on_child_exit, poll_s, keep_stderr).run()
+        status = _Keeper(
+            child,
+            gateway_pid,
+            lifeline_fd,
+            (wake_r, wake_w),
+            received,
+            tuple(signals),
+            step_s,
+            graceful_on_child_exit,
+            poll_s,
+            keep_stderr,
+        ).run()
     finally:
         _exit_like(status)
 
@@ -106,9 +125,19 @@ def end_now() -> None:
 
 
 class _Keeper:
-    def __init__(self, child: int, gateway_pid: int, lifeline_fd: int | None, wake_fds: tuple[int, int],
-                 received: list[int], signals: tuple[int, ...], step_s: float, graceful_on_child_exit: bool,
-                 poll_s: float, keep_stderr: bool) -> None:
+    def __init__(
+        self,
+        child: int,
+        gateway_pid: int,
+        lifeline_fd: int | None,
+        wake_fds: tuple[int, int],
+        received: list[int],
+        signals: tuple[int, ...],
+        step_s: float,
+        graceful_on_child_exit: bool,
+        poll_s: float,
+        keep_stderr: bool,
+    ) -> None:
         self._child = child
         self._gateway_pid = gateway_pid
         self._received = received
@@ -153,8 +182,7 @@ class _Keeper:
                 return self._end(graceful=True)
             if self._child_status is not None:
                 return self._end(graceful=self._graceful_on_child_exit)
-            if any(fd != self._wake_fd for fd, _ in events) or not _gateway_alive(self._gateway_pid,
-                                                                                   self._gateway_fd):
+            if any(fd != self._wake_fd for fd, _ in events) or not _gateway_alive(self._gateway_pid, self._gateway_fd):
                 return self._end(graceful=False)
 
     def _end(self, *, graceful: bool) -> int | None:
@@ -272,7 +300,7 @@ def run_program(argv: Sequence[str]) -> int:
     the program is exec'd, or ``err <errno>`` if it could not be (then the keeper exits 127)."""
     args = list(argv)
     split = args.index("--")
-    opts, program = dict(zip(args[:split:2], args[1:split:2])), args[split + 1:]
+    opts, program = dict(zip(args[:split:2], args[1:split:2], strict=False)), args[split + 1 :]
     gateway_pid, step_s, status_fd = int(opts["--parent-pid"]), float(opts["--step"]), int(opts["--status-fd"])
     os.set_inheritable(status_fd, False)
     exec_r, exec_w = os.pipe()  # close-on-exec: EOF without data means the exec succeeded
@@ -287,13 +315,19 @@ def run_program(argv: Sequence[str]) -> int:
         os.write(status_fd, line.encode())
         os.close(status_fd)
 
-    fork_kept(gateway_pid=gateway_pid, lifeline_fd=None,
-              signals=(signal.SIGHUP, signal.SIGTERM, signal.SIGKILL), step_s=step_s,
-              graceful_on_child_exit=True, keep_stderr=False, on_forked=report)
+    fork_kept(
+        gateway_pid=gateway_pid,
+        lifeline_fd=None,
+        signals=(signal.SIGHUP, signal.SIGTERM, signal.SIGKILL),
+        step_s=step_s,
+        graceful_on_child_exit=True,
+        keep_stderr=False,
+        on_forked=report,
+    )
     os.close(exec_r)
     os.close(status_fd)
     for sig in (*_IGNORED, signal.SIGXFSZ):  # an ignored signal stays ignored across exec: the program
-        signal.signal(sig, signal.SIG_DFL)   # gets the defaults a shell expects (as subprocess does)
+        signal.signal(sig, signal.SIG_DFL)  # gets the defaults a shell expects (as subprocess does)
     try:
         os.execvp(program[0], program)
     except OSError as exc:

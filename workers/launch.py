@@ -113,8 +113,7 @@ def release_forkserver() -> int | None:
             return None
         server = forkserver._forkserver
         with server._lock:
-            pid, alive_fd, address = (server._forkserver_pid, server._forkserver_alive_fd,
-                                      server._forkserver_address)
+            pid, alive_fd, address = (server._forkserver_pid, server._forkserver_alive_fd, server._forkserver_address)
             if pid is None:
                 return None
             server._forkserver_pid = server._forkserver_alive_fd = server._forkserver_address = None
@@ -134,9 +133,9 @@ def spawn_worker(*, gateway_pid: int, nice: int, watchdog_poll_s: float, kill_gr
     try:
         proc = _WorkerProcess(
             target=worker_main.main,
-            args=(PassedFd(to_worker_r), PassedFd(from_worker_w), gateway_pid, nice, watchdog_poll_s,
-                  kill_grace_s),
-            name="agent-worker")
+            args=(PassedFd(to_worker_r), PassedFd(from_worker_w), gateway_pid, nice, watchdog_poll_s, kill_grace_s),
+            name="agent-worker",
+        )
         with _lock:
             forkserver.ensure_running()
             proc.start()
@@ -149,8 +148,14 @@ def spawn_worker(*, gateway_pid: int, nice: int, watchdog_poll_s: float, kill_gr
     os.close(to_worker_r)
     os.close(from_worker_w)
     worker_pid = _kept_child(proc.pid)
-    return SpawnedWorker(pid=worker_pid, keeper_pid=proc.pid, sentinel=proc.sentinel, read_fd=from_worker_r,
-                         write_fd=to_worker_w, process=proc)
+    return SpawnedWorker(
+        pid=worker_pid,
+        keeper_pid=proc.pid,
+        sentinel=proc.sentinel,
+        read_fd=from_worker_r,
+        write_fd=to_worker_w,
+        process=proc,
+    )
 
 
 def _kept_child(keeper_pid: int, timeout: float = _KEPT_CHILD_TIMEOUT_S) -> int:
@@ -211,8 +216,8 @@ async def await_exit(pid: int, timeout: float) -> bool:
     except (AttributeError, OSError):
         pidfd = -1
     if pidfd is not None and pidfd >= 0:
-        exited = loop.create_future()
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+        exited: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(pidfd, _resolve, exited)
         try:
             await asyncio.wait_for(exited, timeout)
         except TimeoutError:
@@ -222,7 +227,7 @@ async def await_exit(pid: int, timeout: float) -> bool:
             os.close(pidfd)
     while True:  # no pidfd: poll (rare platforms only), bounded by the deadline
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
+            done, _ = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
         except ChildProcessError:
             return True
         if done:
@@ -230,3 +235,8 @@ async def await_exit(pid: int, timeout: float) -> bool:
         if loop.time() >= deadline:
             return False
         await asyncio.sleep(0.02)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

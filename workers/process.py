@@ -72,8 +72,14 @@ class KeptProcess:
     ``wait_exit`` resolves with the return code when the keeper exits (asyncio's ``Process.wait``, or the
     forkserver's status pipe for agent workers); ``returncode`` reads it without waiting."""
 
-    def __init__(self, pid: int, wait_exit: Callable[[], Awaitable[int | None]],
-                 returncode: Callable[[], int | None], *, keeper_pid: int | None = None) -> None:
+    def __init__(
+        self,
+        pid: int,
+        wait_exit: Callable[[], Awaitable[int | None]],
+        returncode: Callable[[], int | None],
+        *,
+        keeper_pid: int | None = None,
+    ) -> None:
         self.pid = pid
         self.keeper_pid = pid if keeper_pid is None else keeper_pid
         self._wait_exit = wait_exit
@@ -123,8 +129,7 @@ class KeptProcess:
         """Terminate, SIGKILL after ``grace``, then sweep the session; the return code.  Idempotent, and
         cancelling a caller does not interrupt the teardown."""
         if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self._close(grace),
-                                                                   name=f"close-process-{self.pid}")
+            self._closing = asyncio.get_running_loop().create_task(self._close(grace), name=f"close-process-{self.pid}")
         return await asyncio.shield(self._closing)
 
     async def _close(self, grace: float) -> int | None:

@@ -89,10 +89,14 @@ class Scrubber:
         literals = sorted({s for s in extra_secrets if len(s) >= MIN_EXTRA_SECRET_CHARS}, key=len, reverse=True)
         # Extra secrets run right after PEM blocks, before the token rules: a token inside a URL or after
         # "Bearer" is then one whole redaction.
-        extra = tuple(_Rule("gateway_secret", re.compile(re.escape(literal)), _literal_hint(literal))
-                      for literal in literals if literal.isascii())
-        self._unhinted = tuple(_Rule("gateway_secret", re.compile(re.escape(literal)), "")
-                               for literal in literals if not literal.isascii())
+        extra = tuple(
+            _Rule("gateway_secret", re.compile(re.escape(literal)), _literal_hint(literal))
+            for literal in literals
+            if literal.isascii()
+        )
+        self._unhinted = tuple(
+            _Rule("gateway_secret", re.compile(re.escape(literal)), "") for literal in literals if not literal.isascii()
+        )
         self._rules = extra + _RULES
         hints = [_PEM_HINT] + [rule.hint for rule in self._rules]
         self._prefilter: Prefilter = build_prefilter(hints, prefilter)
@@ -205,7 +209,7 @@ def _split_utf8(text: str, first: int, rest: int) -> Iterator[tuple[str, int]]:
             yield text[:first], first
             pos = first
         while pos < size:
-            fragment = text[pos:pos + rest]
+            fragment = text[pos : pos + rest]
             yield fragment, len(fragment)
             pos += rest
         return
@@ -243,7 +247,7 @@ def _pem_pieces(text: str) -> list[_Piece]:
         else:
             stop = end.end()
         if begin.start() > pos:
-            pieces.append(text[pos:begin.start()])
+            pieces.append(text[pos : begin.start()])
         pieces.append(_MARK)
         pos = stop
     if pos < len(text) or not pieces:
@@ -320,7 +324,7 @@ def _last_open_pem(text: str) -> int | None:
     if "-----BEGIN" not in text:
         return None
     last = None
-    for last in _PEM_BEGIN.finditer(text):
+    for last in _PEM_BEGIN.finditer(text):  # noqa: B007 - the loop finds the last match
         pass
     if last is None or _PEM_END.search(text, last.end()) is not None:
         return None

@@ -48,12 +48,15 @@ class HyperscanPrefilter:
     kind = PrefilterKind.HYPERSCAN
 
     def __init__(self, hints: Sequence[str]) -> None:
-        import hyperscan  # noqa: PLC0415  (optional native dependency)
+        import hyperscan
 
         self._hs = hyperscan
         self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        self._db.compile(expressions=[h.encode("utf-8") for h in hints], ids=list(range(len(hints))),
-                         flags=[hyperscan.HS_FLAG_SINGLEMATCH] * len(hints))
+        self._db.compile(
+            expressions=[h.encode("utf-8") for h in hints],
+            ids=list(range(len(hints))),
+            flags=[hyperscan.HS_FLAG_SINGLEMATCH] * len(hints),
+        )
         self._local = threading.local()
 
     def candidates(self, text: str) -> frozenset[int] | None:
@@ -78,7 +81,7 @@ class Re2Prefilter:
     kind = PrefilterKind.RE2
 
     def __init__(self, hints: Sequence[str]) -> None:
-        import re2  # noqa: PLC0415  (optional native dependency)
+        import re2
 
         self._set = re2.Set.SearchSet(re2.Options())
         for hint in hints:

@@ -51,18 +51,26 @@ class SlashProcess:
         return await self._process.aclose(max(grace_s, 0.05) + 1.0)
 
 
-async def start_slash_worker(*, cwd: str, gateway_pid: int, poll_s: float, nice: int,
-                             kill_grace_s: float) -> SlashProcess:
+async def start_slash_worker(
+    *, cwd: str, gateway_pid: int, poll_s: float, nice: int, kill_grace_s: float
+) -> SlashProcess:
     """Start a slash worker in ``cwd`` (the gateway's if it is not a directory); raises ``OSError``."""
     env = {k: v for k, v in os.environ.items() if k != "WORKER_GATEWAY_TOKEN"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(WORKER_SCRIPT),
-        "--parent-pid", str(gateway_pid),
-        "--poll", str(poll_s),
-        "--nice", str(nice),
-        "--kill-grace", str(kill_grace_s),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        str(WORKER_SCRIPT),
+        "--parent-pid",
+        str(gateway_pid),
+        "--poll",
+        str(poll_s),
+        "--nice",
+        str(nice),
+        "--kill-grace",
+        str(kill_grace_s),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
         cwd=cwd if os.path.isdir(cwd) else None,
-        env=env, start_new_session=True,
+        env=env,
+        start_new_session=True,
     )
     return SlashProcess(proc)

@@ -18,19 +18,26 @@ import enum
 import json
 import logging
 import os
-import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from workers import launch
-from workers.process import KeptProcess, describe_exit
 from workers.agents import registry
 from workers.channel import (
-    DEFAULT_MAX_QUEUED_BYTES, ChannelError, Frame, FrameReader, FrameWriter, Kind, control_frame,
-    open_frame_reader, open_frame_writer)
+    DEFAULT_MAX_QUEUED_BYTES,
+    ChannelError,
+    Frame,
+    FrameReader,
+    FrameWriter,
+    Kind,
+    control_frame,
+    open_frame_reader,
+    open_frame_writer,
+)
+from workers.process import KeptProcess, describe_exit
 
 logger = logging.getLogger("worker_gateway.supervisor")
 
@@ -81,8 +88,15 @@ class WorkerState(enum.Enum):
 class WorkerHandle:
     """One worker process, as the gateway sees it.  Create through :meth:`Supervisor.acquire`."""
 
-    def __init__(self, spawned: launch.SpawnedWorker, reader: FrameReader, writer: FrameWriter, *,
-                 kill_grace_s: float, on_exit: Callable[[WorkerHandle], None]) -> None:
+    def __init__(
+        self,
+        spawned: launch.SpawnedWorker,
+        reader: FrameReader,
+        writer: FrameWriter,
+        *,
+        kill_grace_s: float,
+        on_exit: Callable[[WorkerHandle], None],
+    ) -> None:
         self.pid = spawned.pid  # the worker proper, also its process group id
         self.agent = ""
         self._spawned = spawned
@@ -221,9 +235,17 @@ class _State(enum.Enum):
 class Supervisor:
     """Owns every worker it starts: a warm pool, the handed-out workers, and the forkserver."""
 
-    def __init__(self, *, pool_size: int = 2, kill_grace_s: float = 2.0, nice: int = 5,
-                 start_timeout_s: float = 30.0, watchdog_poll_s: float = 0.5,
-                 max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES, scrub_secrets: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        pool_size: int = 2,
+        kill_grace_s: float = 2.0,
+        nice: int = 5,
+        start_timeout_s: float = 30.0,
+        watchdog_poll_s: float = 0.5,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        scrub_secrets: Sequence[str] = (),
+    ) -> None:
         if pool_size < 0 or kill_grace_s <= 0 or start_timeout_s <= 0 or watchdog_poll_s <= 0:
             raise ValueError("pool_size must be >= 0 and the durations positive")
         self._pool_size = pool_size
@@ -249,9 +271,14 @@ class Supervisor:
 
     @classmethod
     def from_config(cls, config: Any) -> Supervisor:
-        return cls(pool_size=config.pool_size, kill_grace_s=config.kill_grace_s, nice=config.worker_nice,
-                   start_timeout_s=config.worker_start_timeout_s, watchdog_poll_s=config.watchdog_poll_s,
-                   scrub_secrets=[config.token] if getattr(config, "token", None) else [])
+        return cls(
+            pool_size=config.pool_size,
+            kill_grace_s=config.kill_grace_s,
+            nice=config.worker_nice,
+            start_timeout_s=config.worker_start_timeout_s,
+            watchdog_poll_s=config.watchdog_poll_s,
+            scrub_secrets=[config.token] if getattr(config, "token", None) else [],
+        )
 
     @property
     def live_workers(self) -> int:
@@ -282,8 +309,14 @@ class Supervisor:
         self._refill_wanted.set()
         self._refill_task = asyncio.get_running_loop().create_task(self._refill(), name="worker-pool-refill")
 
-    async def acquire(self, agent: str, options: dict[str, Any], cwd: str | None,
-                      session_id: str | None = None, state: bytes | None = None) -> WorkerHandle:
+    async def acquire(
+        self,
+        agent: str,
+        options: dict[str, Any],
+        cwd: str | None,
+        session_id: str | None = None,
+        state: bytes | None = None,
+    ) -> WorkerHandle:
         """A worker that has loaded ``agent`` and is ready for its first prompt.
 
         Raises :class:`UnknownAgentError` (4004) or :class:`WorkerStartError` (5001); the worker is then
@@ -300,14 +333,19 @@ class Supervisor:
             try:
                 handle = await asyncio.wait_for(self._spawn(), self._start_timeout_s)
             except TimeoutError:
-                raise WorkerStartError(
-                    f"no worker could be started within {self._start_timeout_s:g} s") from None
+                raise WorkerStartError(f"no worker could be started within {self._start_timeout_s:g} s") from None
             except (OSError, ValueError, RuntimeError, EOFError) as exc:
                 raise WorkerStartError(f"could not start a worker: {exc}") from exc
         handle.agent = agent
         try:
-            init: dict[str, Any] = {"agent": agent, "options": options, "cwd": cwd, "session_id": session_id,
-                                    "sys_path": _import_path(), "scrub_secrets": self._scrub_secrets}
+            init: dict[str, Any] = {
+                "agent": agent,
+                "options": options,
+                "cwd": cwd,
+                "session_id": session_id,
+                "sys_path": _import_path(),
+                "scrub_secrets": self._scrub_secrets,
+            }
             if state is not None:  # the agent's last snapshot, restored before start() (docs/agents.md)
                 init["state"] = json.loads(state)
             handle.send("init", init)
@@ -315,7 +353,8 @@ class Supervisor:
         except TimeoutError:
             await handle.stop()
             raise WorkerStartError(
-                f"worker {handle.pid} did not load agent {agent!r} within {self._start_timeout_s:g} s") from None
+                f"worker {handle.pid} did not load agent {agent!r} within {self._start_timeout_s:g} s"
+            ) from None
         except BaseException:
             await asyncio.shield(handle.stop())
             raise
@@ -354,8 +393,7 @@ class Supervisor:
         self._holds_forkserver = False
         pid = await asyncio.to_thread(launch.release_forkserver)
         if pid is not None and not await launch.await_exit(pid, _FORKSERVER_EXIT_S):
-            logger.warning("forkserver %d still running %.0f s after close (other users?)",
-                           pid, _FORKSERVER_EXIT_S)
+            logger.warning("forkserver %d still running %.0f s after close (other users?)", pid, _FORKSERVER_EXIT_S)
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -390,9 +428,15 @@ class Supervisor:
     async def _spawn(self) -> WorkerHandle:
         """Start a worker and register it (so ``close`` can always reach it).  The blocking part runs in a
         thread whose result is never lost: if our caller is cancelled meanwhile, the worker is killed."""
-        future = asyncio.ensure_future(asyncio.to_thread(
-            launch.spawn_worker, gateway_pid=self._gateway_pid, nice=self._nice,
-            watchdog_poll_s=self._watchdog_poll_s, kill_grace_s=self._kill_grace_s))
+        future = asyncio.ensure_future(
+            asyncio.to_thread(
+                launch.spawn_worker,
+                gateway_pid=self._gateway_pid,
+                nice=self._nice,
+                watchdog_poll_s=self._watchdog_poll_s,
+                kill_grace_s=self._kill_grace_s,
+            )
+        )
         self._spawning.add(future)
         future.add_done_callback(self._spawning.discard)
         try:

@@ -24,9 +24,9 @@ import threading
 import traceback
 from typing import Any
 
+from workers import keeper
 from workers.agents.base import TurnCancelled, TurnHandle, TurnResult
 from workers.agents.registry import AgentLoadError, UnknownAgent, load_factory
-from workers import keeper
 from workers.channel import BlockingChannel, ChannelError, Frame, Kind, control_frame
 from workers.ops import Op
 from workers.scrub import set_extra_secrets
@@ -37,8 +37,9 @@ INIT_UNKNOWN_AGENT = 4004
 INIT_FAILED = 5001
 
 
-def main(read_fd: int, write_fd: int, gateway_pid: int, nice: int, watchdog_poll_s: float,
-         kill_grace_s: float = 2.0) -> None:
+def main(
+    read_fd: int, write_fd: int, gateway_pid: int, nice: int, watchdog_poll_s: float, kill_grace_s: float = 2.0
+) -> None:
     """Entry point in the forked worker.  ``read_fd``/``write_fd`` are this side's pipe ends.  This process
     becomes the session's keeper (``workers/keeper.py``); the agent runs in its child."""
     os.setsid()
@@ -51,9 +52,15 @@ def main(read_fd: int, write_fd: int, gateway_pid: int, nice: int, watchdog_poll
             os.nice(nice)
         except OSError:
             pass
-    keeper.fork_kept(gateway_pid=gateway_pid, lifeline_fd=read_fd, signals=(signal.SIGTERM, signal.SIGKILL),
-                     step_s=kill_grace_s, graceful_on_child_exit=False, poll_s=watchdog_poll_s,
-                     child_own_group=True)
+    keeper.fork_kept(
+        gateway_pid=gateway_pid,
+        lifeline_fd=read_fd,
+        signals=(signal.SIGTERM, signal.SIGKILL),
+        step_s=kill_grace_s,
+        graceful_on_child_exit=False,
+        poll_s=watchdog_poll_s,
+        child_own_group=True,
+    )
     channel = BlockingChannel(read_fd, write_fd)
     try:
         _serve(channel)
@@ -68,8 +75,9 @@ def _serve(channel: BlockingChannel) -> None:
         _end_group()
         return
     if frame.kind is not Kind.CONTROL or frame.name != Op.INIT:
-        channel.send_control(Op.INIT_FAILED, {"code": INIT_FAILED,
-                                              "message": f"expected an init frame, got {frame.name!r}"})
+        channel.send_control(
+            Op.INIT_FAILED, {"code": INIT_FAILED, "message": f"expected an init frame, got {frame.name!r}"}
+        )
         return
     body = frame.json()
     try:
@@ -146,8 +154,9 @@ def _restore(agent: Any, name: str, state: Any) -> None:
         restore(state)
     except Exception as exc:
         traceback.print_exc()
-        raise _InitError(INIT_FAILED,
-                         f"agent {name!r} failed to restore its state: {type(exc).__name__}: {exc}") from None
+        raise _InitError(
+            INIT_FAILED, f"agent {name!r} failed to restore its state: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 class _Session:

@@ -90,10 +90,13 @@ class AckTracker:
         """Seconds until an ack may become due by time (``None``: nothing is waiting)."""
         if not self.active:
             return None
-        waits = [0.0 if acks.processed - acks.acked >= self.policy.every_events
-                 else max(0.0, acks.unacked_since + self.policy.every_s - now)
-                 for acks in self._sessions.values()
-                 if acks.in_flight is None and acks.processed > acks.acked and acks.unacked_since is not None]
+        waits = [
+            0.0
+            if acks.processed - acks.acked >= self.policy.every_events
+            else max(0.0, acks.unacked_since + self.policy.every_s - now)
+            for acks in self._sessions.values()
+            if acks.in_flight is None and acks.processed > acks.acked and acks.unacked_since is not None
+        ]
         if not waits:
             return None
         wait = min(waits)

@@ -122,9 +122,12 @@ class ReplayTruncated(GatewayError):
 
     def __init__(self, session_id: str, after_seq: int, first_seq: int) -> None:
         missing = max(0, first_seq - after_seq - 1)
-        super().__init__(None, f"session {session_id}: events {after_seq + 1}..{first_seq - 1} ({missing}) are no "
-                         f"longer in the gateway's replay buffer", {"session_id": session_id, "after_seq": after_seq,
-                                                                     "first_seq": first_seq})
+        super().__init__(
+            None,
+            f"session {session_id}: events {after_seq + 1}..{first_seq - 1} ({missing}) are no "
+            f"longer in the gateway's replay buffer",
+            {"session_id": session_id, "after_seq": after_seq, "first_seq": first_seq},
+        )
         self.session_id = session_id
         self.after_seq = after_seq
         self.first_seq = first_seq
@@ -133,8 +136,21 @@ class ReplayTruncated(GatewayError):
 
 _ERRORS_BY_CODE: dict[int, type[GatewayError]] = {
     int(cls.code or 0): cls
-    for cls in (ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, SessionNotFound,
-                UnknownAgent, Busy, NotSupported, LimitReached, WorkerStartFailed, WorkerDied, StoreUnavailable)
+    for cls in (
+        ParseError,
+        InvalidRequest,
+        MethodNotFound,
+        InvalidParams,
+        InternalError,
+        SessionNotFound,
+        UnknownAgent,
+        Busy,
+        NotSupported,
+        LimitReached,
+        WorkerStartFailed,
+        WorkerDied,
+        StoreUnavailable,
+    )
 }
 
 

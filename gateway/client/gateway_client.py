@@ -74,12 +74,22 @@ class GatewayClient:
         the method (-32601) silently turns acking off.
     """
 
-    def __init__(self, url: str, *, token: str | None = None, reconnect: ReconnectPolicy | None = None,
-                 call_timeout: float = 30.0, open_timeout: float = 10.0,
-                 max_queued_events: int | None = 10_000,
-                 ping_interval: float | None | EllipsisType = ..., ping_timeout: float | None | EllipsisType = ...,
-                 max_message_size: int | None = 64 * 1024 * 1024, receive_buffer: int | None = 1024 * 1024,
-                 seed: int | None = None, acks: AckPolicy | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        call_timeout: float = 30.0,
+        open_timeout: float = 10.0,
+        max_queued_events: int | None = 10_000,
+        ping_interval: float | EllipsisType | None = ...,
+        ping_timeout: float | EllipsisType | None = ...,
+        max_message_size: int | None = 64 * 1024 * 1024,
+        receive_buffer: int | None = 1024 * 1024,
+        seed: int | None = None,
+        acks: AckPolicy | None = None,
+    ) -> None:
         self.url = normalize_url(url)
         self._token = token
         self.policy = reconnect or ReconnectPolicy()
@@ -189,8 +199,9 @@ class GatewayClient:
         """Send one request and return its ``result``; raise the typed :class:`GatewayError` on an error."""
         return await self.request(method, params)
 
-    async def request(self, method: str, params: dict[str, Any] | None = None, *,
-                      timeout: float | None = None) -> dict[str, Any]:
+    async def request(
+        self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Like :meth:`call`, with the params as a dict and an explicit timeout (seconds)."""
         timeout = self.call_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -210,8 +221,9 @@ class GatewayClient:
         self._after_result(method, params, result)
         return result
 
-    async def _request_on(self, ws: ClientConnection, method: str, params: dict[str, Any],
-                          timeout: float) -> dict[str, Any]:
+    async def _request_on(
+        self, ws: ClientConnection, method: str, params: dict[str, Any], timeout: float
+    ) -> dict[str, Any]:
         request_id = next(self._ids)
         message: dict[str, Any] = {"jsonrpc": JSONRPC_VERSION, "id": request_id, "method": method}
         if params:
@@ -225,7 +237,7 @@ class GatewayClient:
                 raise ConnectionLost(None, f"connection lost while sending {method}: {exc}") from exc
             try:
                 response = await asyncio.wait_for(asyncio.shield(future), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise CallTimeout(None, f"no answer to {method} within {timeout:.1f}s") from None
         finally:
             self._pending.pop(request_id, None)
@@ -394,15 +406,16 @@ class GatewayClient:
         while self.state is not ClientState.CONNECTED:
             if self.state is ClientState.CLOSED:
                 failure = self._failure
-                raise ConnectionLost(None, failure.message if failure else "the client is closed",
-                                     failure.data if failure else None)
+                raise ConnectionLost(
+                    None, failure.message if failure else "the client is closed", failure.data if failure else None
+                )
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise ConnectionLost(None, f"not connected to {self._safe_url()} (state {self.state.value})")
             self._connected.clear()
             try:
                 await asyncio.wait_for(self._connected.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _safe_url(self) -> str:
@@ -412,14 +425,26 @@ class GatewayClient:
         """Handshake, read ``gateway.ready``, start the reader."""
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
-            ws = await connect(self.url, additional_headers=headers, compression=None, proxy=None,
-                               open_timeout=self.open_timeout, ping_interval=self._ping_interval,
-                               ping_timeout=self._ping_timeout, max_size=self._max_size, close_timeout=2.0)
+            ws = await connect(
+                self.url,
+                additional_headers=headers,
+                compression=None,
+                proxy=None,
+                open_timeout=self.open_timeout,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_timeout,
+                max_size=self._max_size,
+                close_timeout=2.0,
+            )
         except InvalidStatus as exc:
             status = exc.response.status_code
-            raise HandshakeRejected(None, f"the gateway at {self._safe_url()} refused the WebSocket handshake with "
-                                    f"HTTP {status}: check the token (token= or ?token=) and, from a browser-like "
-                                    "client, the Origin", {"status": status}) from None
+            raise HandshakeRejected(
+                None,
+                f"the gateway at {self._safe_url()} refused the WebSocket handshake with "
+                f"HTTP {status}: check the token (token= or ?token=) and, from a browser-like "
+                "client, the Origin",
+                {"status": status},
+            ) from None
         try:
             first = await asyncio.wait_for(ws.recv(), self.open_timeout)
         except BaseException:
@@ -536,9 +561,13 @@ class GatewayClient:
             if ws is not None and pending.ws is not ws:
                 continue
             if not pending.future.done():
-                pending.future.set_exception(ConnectionLost(
-                    None, f"{why} before the answer to {pending.method} (id {request_id}) arrived; "
-                    "it may or may not have been processed by the gateway"))
+                pending.future.set_exception(
+                    ConnectionLost(
+                        None,
+                        f"{why} before the answer to {pending.method} (id {request_id}) arrived; "
+                        "it may or may not have been processed by the gateway",
+                    )
+                )
                 pending.future.exception()  # mark retrieved: the caller may have timed out already
 
     def _connection_lost(self, ws: ClientConnection, error: BaseException | None) -> None:
@@ -584,8 +613,13 @@ class GatewayClient:
         while self.state is ClientState.RECONNECTING:
             now = time.monotonic()
             if attempt >= self.policy.max_attempts or now >= deadline:
-                self._give_up(ConnectionLost(None, f"could not reconnect to {self._safe_url()} after {attempt} "
-                                             f"attempts in {now - started:.1f}s: {last_error}"))
+                self._give_up(
+                    ConnectionLost(
+                        None,
+                        f"could not reconnect to {self._safe_url()} after {attempt} "
+                        f"attempts in {now - started:.1f}s: {last_error}",
+                    )
+                )
                 return
             await asyncio.sleep(min(self.policy.delay(attempt, self._rng), max(0.0, deadline - now)))
             attempt += 1
@@ -598,8 +632,14 @@ class GatewayClient:
                     self._give_up(ConnectionLost(None, f"reconnect failed: {exc}", exc.data))
                     return
                 last_error = exc
-            except (OSError, asyncio.TimeoutError, websockets.WebSocketException, ConnectionLost, CallTimeout,
-                    LimitReached) as exc:
+            except (
+                TimeoutError,
+                OSError,
+                websockets.WebSocketException,
+                ConnectionLost,
+                CallTimeout,
+                LimitReached,
+            ) as exc:
                 last_error = exc
                 logger.info("gateway client: reconnect attempt %d failed: %r", attempt, exc)
                 ws = self._ws
@@ -628,9 +668,13 @@ class GatewayClient:
         # already queued are dropped as duplicates.
         after_seqs = [s.processed_seq for s in streams]
         timeout = max(0.1, min(self.call_timeout, deadline - time.monotonic()))
-        results = await asyncio.gather(*(
-            self._request_on(ws, Method.SESSION_RESUME, {"session_id": s.session_id, "after_seq": after}, timeout)
-            for s, after in zip(streams, after_seqs, strict=True)), return_exceptions=True)
+        results = await asyncio.gather(
+            *(
+                self._request_on(ws, Method.SESSION_RESUME, {"session_id": s.session_id, "after_seq": after}, timeout)
+                for s, after in zip(streams, after_seqs, strict=True)
+            ),
+            return_exceptions=True,
+        )
         retry: BaseException | None = None
         for stream, after, result in zip(streams, after_seqs, results, strict=True):
             if isinstance(result, (ConnectionLost, CallTimeout, LimitReached)):  # LimitReached: the rate limit

@@ -26,7 +26,7 @@ class ReconnectPolicy:
     max_time: float = 30.0
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.max_delay, self.initial_delay * self.multiplier ** attempt)
+        base = min(self.max_delay, self.initial_delay * self.multiplier**attempt)
         return base * (1.0 - self.jitter * rng.random())
 
 

@@ -21,8 +21,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any
 
 from gateway.wire import READY_LINE_PREFIX
 
@@ -60,8 +61,9 @@ def child_env(overrides: Mapping[str, str | None] | None = None) -> dict[str, st
     return env
 
 
-def gateway_command(*args: str, token: str | None = None, python: str = sys.executable,
-                    defaults: Sequence[str] = DEFAULT_GATEWAY_ARGS) -> list[str]:
+def gateway_command(
+    *args: str, token: str | None = None, python: str = sys.executable, defaults: Sequence[str] = DEFAULT_GATEWAY_ARGS
+) -> list[str]:
     """``python -m gateway serve --port 0`` with ``defaults``, the token and ``args``.
 
     ``--token=T``, not ``--token T``: a token may start with ``-`` and would be read as a flag.
@@ -77,8 +79,15 @@ def gateway_command(*args: str, token: str | None = None, python: str = sys.exec
 class ReadyLineProcess:
     """A server subprocess that prints ``<ready_prefix> port=N`` on stdout once it accepts connections."""
 
-    def __init__(self, argv: Sequence[str], *, ready_prefix: str = READY_LINE_PREFIX, name: str = "server",
-                 env: Mapping[str, str | None] | None = None, cwd: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        ready_prefix: str = READY_LINE_PREFIX,
+        name: str = "server",
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | Path | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.ready_prefix = ready_prefix
         self.name = name
@@ -88,7 +97,7 @@ class ReadyLineProcess:
         self.port: int | None = None
         self.ready_line = ""
         self.exit_code: int | None = None
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self._drain: threading.Thread | None = None
 
     def command(self) -> list[str]:
@@ -99,8 +108,14 @@ class ReadyLineProcess:
         """Start it and return once its ready line was read; on failure it is stopped and SpawnError raised."""
         if self.proc is not None:
             raise RuntimeError(f"{self.name} was already started")
-        self.proc = subprocess.Popen(self.command(), cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, env=child_env(self.env_overrides))
+        self.proc = subprocess.Popen(
+            self.command(),
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=child_env(self.env_overrides),
+        )
         try:
             line = self._read_ready_line(timeout)
             match = re.match(rf"{re.escape(self.ready_prefix)} port=(\d+)", line)
@@ -126,8 +141,9 @@ class ReadyLineProcess:
             while b"\n" not in buf:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise SpawnError(f"{self.name} printed no ready line within {timeout:g}s (got {buf!r})",
-                                     self.stderr_tail())
+                    raise SpawnError(
+                        f"{self.name} printed no ready line within {timeout:g}s (got {buf!r})", self.stderr_tail()
+                    )
                 if not sel.select(min(remaining, 0.5)):
                     continue
                 chunk = os.read(fd, 4096)
@@ -219,9 +235,15 @@ class SpawnedGateway(ReadyLineProcess):
     :param defaults: arguments before ``args`` (:data:`DEFAULT_GATEWAY_ARGS` unless given).
     """
 
-    def __init__(self, *args: str, token: str | None = None, env: Mapping[str, str | None] | None = None,
-                 cwd: str | Path | None = None, name: str = "the spawned gateway",
-                 defaults: Sequence[str] = DEFAULT_GATEWAY_ARGS) -> None:
+    def __init__(
+        self,
+        *args: str,
+        token: str | None = None,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | Path | None = None,
+        name: str = "the spawned gateway",
+        defaults: Sequence[str] = DEFAULT_GATEWAY_ARGS,
+    ) -> None:
         super().__init__([], ready_prefix=READY_LINE_PREFIX, name=name, env=env, cwd=cwd)
         self.args = list(args)
         self.token = token

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from gateway.client.errors import GatewayError, ReplayTruncated
 
@@ -68,8 +69,9 @@ class SessionEvents:
                 body = event.get("payload") or {}
                 if event.get("type") == event_type and all(body.get(k) == v for k, v in payload.items()):
                     return collected
-            raise GatewayError(None, f"session {self._stream.session_id}: its event stream ended before a "
-                               f"{event_type} event")
+            raise GatewayError(
+                None, f"session {self._stream.session_id}: its event stream ended before a {event_type} event"
+            )
 
         return await asyncio.wait_for(run(), timeout)
 

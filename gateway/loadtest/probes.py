@@ -34,8 +34,16 @@ async def pinger(state: RunState) -> None:
     if state.target.token:
         env[_PINGER_TOKEN_ENV] = state.target.token  # not on the command line, where ps would show it
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _PINGER_CODE, state.target.ws_url, repr(state.args.ping_interval),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
+        sys.executable,
+        "-c",
+        _PINGER_CODE,
+        state.target.ws_url,
+        repr(state.args.ping_interval),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
 
     async def read() -> None:
@@ -57,7 +65,7 @@ async def pinger(state: RunState) -> None:
         proc.stdin.close()
         try:
             await asyncio.wait_for(proc.wait(), 10.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
         with contextlib.suppress(asyncio.TimeoutError):
@@ -89,8 +97,7 @@ async def _ping_loop(url: str, token: str | None, interval: float) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # stdin EOF (the parent closed it, or died) ends the loop.
-    threading.Thread(target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)),
-                     daemon=True).start()
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)), daemon=True).start()
     async with GatewayClient(url, token=token, reconnect=ReconnectPolicy(max_time=60.0, max_attempts=100)) as client:
         while not stop.is_set():
             sent = time.monotonic()
@@ -145,8 +152,9 @@ async def chaos(state: RunState, rng: random.Random) -> None:
             await asyncio.wait_for(state.done.wait(), rng.expovariate(1.0 / state.args.chaos_interval))
         if state.done.is_set():
             return
-        candidates = [s.client for s in state.sessions
-                      if s.phase == "turn" and s.client is not None and s.client.connected]
+        candidates = [
+            s.client for s in state.sessions if s.phase == "turn" and s.client is not None and s.client.connected
+        ]
         if candidates:
             rng.choice(candidates).abort()
 

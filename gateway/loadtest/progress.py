@@ -72,10 +72,12 @@ class Progress:
     def _line(self, state: RunState) -> str:
         n = self._numbers(state)
         target = "?" if n["target"] is None else n["target"]
-        return (f"[{n['elapsed']:6.1f}s] turns {n['done']}/{target} ({n['failed']} failed, {n['running']} running) "
-                f"events {n['events']} lost {n['lost']} | {n['mb']:.1f} MB | drops {n['drops']} | "
-                f"ping p99 {fmt(n['ping_p99'], ' ms')} | loop lag {fmt(n['lag'], ' ms')} | "
-                f"workers {fmt(n['workers'])}")
+        return (
+            f"[{n['elapsed']:6.1f}s] turns {n['done']}/{target} ({n['failed']} failed, {n['running']} running) "
+            f"events {n['events']} lost {n['lost']} | {n['mb']:.1f} MB | drops {n['drops']} | "
+            f"ping p99 {fmt(n['ping_p99'], ' ms')} | loop lag {fmt(n['lag'], ' ms')} | "
+            f"workers {fmt(n['workers'])}"
+        )
 
     def _render(self, state: RunState) -> Any:
         from rich.table import Table

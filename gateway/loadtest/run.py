@@ -105,8 +105,12 @@ class RunState:
 async def _run_session(state: RunState, result: SessionResult, turn_slots: asyncio.Semaphore) -> None:
     args = state.args
     policy = ReconnectPolicy(max_time=60.0, max_attempts=50)
-    client = GatewayClient(state.target.ws_url, token=state.target.token, reconnect=policy,
-                           seed=None if args.seed is None else args.seed + result.index)
+    client = GatewayClient(
+        state.target.ws_url,
+        token=state.target.token,
+        reconnect=policy,
+        seed=None if args.seed is None else args.seed + result.index,
+    )
     result.client = client
     try:
         await client.connect()
@@ -125,7 +129,7 @@ async def _run_session(state: RunState, result: SessionResult, turn_slots: async
                 consumer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await consumer
-    except (GatewayError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, GatewayError, OSError) as exc:
         result.errors.append(f"{type(exc).__name__}: {exc}")
         if result.session_id is None:  # nothing ran: count the turns it owed as failed
             result.turns_failed += turns_per_session(args) or 1
@@ -134,8 +138,9 @@ async def _run_session(state: RunState, result: SessionResult, turn_slots: async
         await client.aclose()
 
 
-async def _consume(state: RunState, result: SessionResult, events: Any,
-                   completions: asyncio.Queue[dict[str, Any]]) -> None:
+async def _consume(
+    state: RunState, result: SessionResult, events: Any, completions: asyncio.Queue[dict[str, Any]]
+) -> None:
     """Record every event of the session: seqs (for losses and duplicates), output bytes, completions."""
     last = 0
     while True:
@@ -170,14 +175,19 @@ async def _consume(state: RunState, result: SessionResult, events: Any,
             result.final_seq = seq if isinstance(seq, int) else None
 
 
-async def _run_turns(state: RunState, result: SessionResult, client: GatewayClient, sid: str,
-                     completions: asyncio.Queue[dict[str, Any]], turn_slots: asyncio.Semaphore) -> None:
+async def _run_turns(
+    state: RunState,
+    result: SessionResult,
+    client: GatewayClient,
+    sid: str,
+    completions: asyncio.Queue[dict[str, Any]],
+    turn_slots: asyncio.Semaphore,
+) -> None:
     args = state.args
     per_session = turns_per_session(args)
     turn = 0
     while per_session == 0 or turn < per_session:
-        if args.duration and state.load_started is not None and \
-                time.monotonic() - state.load_started >= args.duration:
+        if args.duration and state.load_started is not None and time.monotonic() - state.load_started >= args.duration:
             break
         turn += 1
         async with turn_slots:
@@ -198,15 +208,16 @@ async def _run_turns(state: RunState, result: SessionResult, client: GatewayClie
                 break  # the stream is gone or out of step: later completions could not be matched to turns
 
 
-async def _one_turn(state: RunState, client: GatewayClient, sid: str,
-                    completions: asyncio.Queue[dict[str, Any]]) -> tuple[bool, float, str | None]:
+async def _one_turn(
+    state: RunState, client: GatewayClient, sid: str, completions: asyncio.Queue[dict[str, Any]]
+) -> tuple[bool, float, str | None]:
     args = state.args
     started = time.monotonic()
     deadline = started + args.turn_timeout
     try:
         await _submit(client, sid, state.prompt, deadline)
         payload = await asyncio.wait_for(completions.get(), max(0.0, deadline - time.monotonic()))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False, 0.0, f"no turn.complete within {args.turn_timeout:g}s"
     except GatewayError as exc:
         return False, 0.0, f"{type(exc).__name__}: {exc}"

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -23,7 +24,7 @@ def parse_histogram(text: str, name: str) -> dict[str, Any] | None:
     """The buckets, sum and count of one Prometheus histogram (no labels) from exposition text."""
     buckets: list[tuple[float, float]] = []
     total = count = None
-    pattern = re.compile(rf'^{re.escape(name)}_(bucket|sum|count)(?:\{{([^}}]*)\}})?\s+([^\s]+)')
+    pattern = re.compile(rf"^{re.escape(name)}_(bucket|sum|count)(?:\{{([^}}]*)\}})?\s+([^\s]+)")
     for line in text.splitlines():
         m = pattern.match(line)
         if not m:
@@ -48,8 +49,11 @@ def histogram_delta(before: dict[str, Any] | None, after: dict[str, Any] | None)
     if before is None:
         return after
     old = dict(before["buckets"])
-    return {"buckets": [(le, value - old.get(le, 0.0)) for le, value in after["buckets"]],
-            "sum": after["sum"] - before["sum"], "count": after["count"] - before["count"]}
+    return {
+        "buckets": [(le, value - old.get(le, 0.0)) for le, value in after["buckets"]],
+        "sum": after["sum"] - before["sum"],
+        "count": after["count"] - before["count"],
+    }
 
 
 def histogram_quantile(hist: dict[str, Any] | None, q: float) -> float | None:

@@ -8,8 +8,9 @@ import asyncio
 import secrets
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from gateway.client import GatewayClient, GatewayError, HandshakeRejected, ReconnectPolicy
 from gateway.client.spawn import SpawnedGateway, SpawnError
@@ -71,8 +72,9 @@ async def check_target(target: Target, timeout: float = 10.0) -> dict[str, Any]:
         await asyncio.to_thread(http_get, target, "/healthz")
     except OSError as exc:  # urllib.error.URLError is an OSError
         raise SetupError(f"gateway not reachable at {target.http_url}/healthz: {exc}") from exc
-    client = GatewayClient(target.ws_url, token=target.token, reconnect=ReconnectPolicy(enabled=False),
-                           open_timeout=timeout)
+    client = GatewayClient(
+        target.ws_url, token=target.token, reconnect=ReconnectPolicy(enabled=False), open_timeout=timeout
+    )
     try:
         await client.connect()
         return await client.request(Method.INFO, timeout=timeout)
@@ -82,9 +84,10 @@ async def check_target(target: Target, timeout: float = 10.0) -> dict[str, Any]:
             hint = "the token was refused: pass the gateway's token with --token (or $WORKER_GATEWAY_TOKEN)"
         else:
             hint = "it needs a token: pass it with --token (or $WORKER_GATEWAY_TOKEN)"
-        raise SetupError(f"the gateway at {target.http_url} refused the WebSocket handshake with HTTP {status}: "
-                         f"{hint}") from None
-    except (OSError, asyncio.TimeoutError, GatewayError) as exc:
+        raise SetupError(
+            f"the gateway at {target.http_url} refused the WebSocket handshake with HTTP {status}: {hint}"
+        ) from None
+    except (TimeoutError, OSError, GatewayError) as exc:
         raise SetupError(f"gateway not usable at {target.ws_url}: {type(exc).__name__}: {exc}") from exc
     finally:
         await client.aclose()

@@ -22,7 +22,8 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from gateway import rpc
 from gateway.connection import Connection
@@ -62,8 +63,9 @@ _LIST_FIELDS = ("session_id", "agent", "title", "status", "created_at", "last_ac
 
 
 class SessionRegistry:
-    def __init__(self, config: Config, backend: WorkerBackend, metrics: Metrics,
-                 store: EventStore | None = None) -> None:
+    def __init__(
+        self, config: Config, backend: WorkerBackend, metrics: Metrics, store: EventStore | None = None
+    ) -> None:
         self.config = config
         self.backend = backend
         self.metrics = metrics
@@ -88,16 +90,22 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None or not session.live:
-            raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session not found: {session_id!r} (closed, or never existed)",
-                               {"session_id": session_id})
+            raise rpc.RpcError(
+                ErrorCode.NOT_FOUND,
+                f"session not found: {session_id!r} (closed, or never existed)",
+                {"session_id": session_id},
+            )
         return session
 
     def _readable(self, session_id: str) -> Session:
         """A live session, or a closed one whose last events are still on their way to its owner."""
         session = self._sessions.get(session_id) or self._draining.get(session_id)
         if session is None:
-            raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session not found: {session_id!r} (closed, or never existed)",
-                               {"session_id": session_id})
+            raise rpc.RpcError(
+                ErrorCode.NOT_FOUND,
+                f"session not found: {session_id!r} (closed, or never existed)",
+                {"session_id": session_id},
+            )
         return session
 
     def active_list(self) -> dict[str, Any]:
@@ -108,12 +116,22 @@ class SessionRegistry:
         config = self.config
         log: MemoryEventLog | DurableEventLog
         if self.store is not None:
-            log = DurableEventLog(session_id, self.store, max_events=config.replay_max_events,
-                                  max_bytes=config.replay_max_bytes, last_seq=last_seq)
+            log = DurableEventLog(
+                session_id,
+                self.store,
+                max_events=config.replay_max_events,
+                max_bytes=config.replay_max_bytes,
+                last_seq=last_seq,
+            )
         else:
             log = MemoryEventLog(config.replay_max_events, config.replay_max_bytes, first_seq=last_seq + 1)
-        return EventStream(session_id, log, reader_max_events=config.replay_max_events // 2,
-                           reader_max_bytes=config.replay_max_bytes // 2, seq=last_seq)
+        return EventStream(
+            session_id,
+            log,
+            reader_max_events=config.replay_max_events // 2,
+            reader_max_bytes=config.replay_max_bytes // 2,
+            seq=last_seq,
+        )
 
     def _store_update(self, session: Session, **fields: Any) -> None:
         if self.store is None:
@@ -160,8 +178,7 @@ class SessionRegistry:
     def _require_store_health(self) -> None:
         reason = self.store_health
         if reason is not None:
-            raise rpc.RpcError(ErrorCode.STORE_UNAVAILABLE, f"session store unavailable: {reason}",
-                               {"reason": reason})
+            raise rpc.RpcError(ErrorCode.STORE_UNAVAILABLE, f"session store unavailable: {reason}", {"reason": reason})
 
     async def recover(self) -> None:
         """At start: bring back every session that was live when the last run ended (PROTOCOL section 8)."""
@@ -172,10 +189,16 @@ class SessionRegistry:
             self._sessions[session.id] = session
             if row.get("turn_running"):
                 turn_id = await self._running_turn_id(session)
-                self._emit(session, EventType.WORKER_EXITED, {"pid": row.get("worker_pid"), "returncode": None,
-                                                             "signal": None, "expected": False})
-                self._emit(session, EventType.TURN_COMPLETE, {"turn_id": turn_id, "status": TurnStatus.ERROR,
-                                                             "error": "gateway restarted"})
+                self._emit(
+                    session,
+                    EventType.WORKER_EXITED,
+                    {"pid": row.get("worker_pid"), "returncode": None, "signal": None, "expected": False},
+                )
+                self._emit(
+                    session,
+                    EventType.TURN_COMPLETE,
+                    {"turn_id": turn_id, "status": TurnStatus.ERROR, "error": "gateway restarted"},
+                )
             self._store_update(session, status=session.status.value)
             if session.close_on_disconnect:
                 self._spawn_close(session, CloseReason.DISCONNECT)
@@ -184,11 +207,16 @@ class SessionRegistry:
                 self._schedule_reap(session)
 
     def _session_from_row(self, row: dict[str, Any]) -> Session:
-        session = Session(row["session_id"], row.get("agent") or self.config.agent, row.get("options") or {},
-                          row.get("cwd") or os.getcwd(), row.get("title") or "",
-                          bool(row.get("close_on_disconnect", False)), self._new_stream(row["session_id"],
-                                                                                        int(row["last_seq"])),
-                          self.config.max_queued_prompts)
+        session = Session(
+            row["session_id"],
+            row.get("agent") or self.config.agent,
+            row.get("options") or {},
+            row.get("cwd") or os.getcwd(),
+            row.get("title") or "",
+            bool(row.get("close_on_disconnect", False)),
+            self._new_stream(row["session_id"], int(row["last_seq"])),
+            self.config.max_queued_prompts,
+        )
         session.created_at = float(row.get("created_at") or time.time())
         session.last_active = float(row.get("last_active") or time.time())
         session.restored = True
@@ -198,8 +226,9 @@ class SessionRegistry:
     async def _running_turn_id(self, session: Session) -> str | None:
         """The turn a crash interrupted: its ``turn.start`` is among the session's last events."""
         assert self.store is not None
-        rows = await self.store.read_events(session.id, max(0, session.seq - 512), max_events=512,
-                                            max_bytes=8 * 1024 * 1024)
+        rows = await self.store.read_events(
+            session.id, max(0, session.seq - 512), max_events=512, max_bytes=8 * 1024 * 1024
+        )
         for _, frame in reversed(rows):
             if b'"type":"turn.start"' in frame[:80]:
                 try:
@@ -217,8 +246,11 @@ class SessionRegistry:
             return self._sessions.get(session_id)
         self._require_store_health()
         if self.live_count >= self.config.max_sessions:
-            raise rpc.RpcError(ErrorCode.LIMIT_REACHED, f"session limit reached: max_sessions={self.config.max_sessions}",
-                               {"limit": "max_sessions"})
+            raise rpc.RpcError(
+                ErrorCode.LIMIT_REACHED,
+                f"session limit reached: max_sessions={self.config.max_sessions}",
+                {"limit": "max_sessions"},
+            )
         self._draining.pop(session_id, None)
         session = self._session_from_row(row)
         self._sessions[session.id] = session
@@ -233,8 +265,9 @@ class SessionRegistry:
         rows: dict[str, dict[str, Any]] = {}
         if self.store is not None:
             try:
-                stored = await self.store.list_sessions(limit=limit + len(self._sessions),
-                                                        include_closed=include_closed)
+                stored = await self.store.list_sessions(
+                    limit=limit + len(self._sessions), include_closed=include_closed
+                )
             except StoreError as exc:
                 raise rpc.RpcError(ErrorCode.STORE_UNAVAILABLE, f"session store unavailable: {exc}") from None
             for row in stored:
@@ -273,36 +306,62 @@ class SessionRegistry:
         agent = params.get("agent") or config.agent
         known = self.backend.known_agents()
         if ":" not in agent and agent not in known:
-            raise rpc.RpcError(ErrorCode.UNKNOWN_AGENT, f"unknown agent {agent!r}; available: {', '.join(known)} "
-                               "(or name one as package.module:attr)", {"agent": agent})
+            raise rpc.RpcError(
+                ErrorCode.UNKNOWN_AGENT,
+                f"unknown agent {agent!r}; available: {', '.join(known)} (or name one as package.module:attr)",
+                {"agent": agent},
+            )
         cwd = params.get("cwd") or os.getcwd()
         if not os.path.isdir(cwd):
-            raise rpc.RpcError(ErrorCode.INVALID_PARAMS, f"cwd is not an existing directory: {cwd!r}",
-                               {"param": "cwd"})
+            raise rpc.RpcError(ErrorCode.INVALID_PARAMS, f"cwd is not an existing directory: {cwd!r}", {"param": "cwd"})
         title = params.get("title") or ""
         if len(title) > config.max_title_chars:
-            raise rpc.RpcError(ErrorCode.INVALID_PARAMS, f"title is {len(title)} characters long; at most "
-                               f"max_title_chars={config.max_title_chars}", {"param": "title"})
+            raise rpc.RpcError(
+                ErrorCode.INVALID_PARAMS,
+                f"title is {len(title)} characters long; at most max_title_chars={config.max_title_chars}",
+                {"param": "title"},
+            )
         if self.live_count >= config.max_sessions:
-            raise rpc.RpcError(ErrorCode.LIMIT_REACHED, f"session limit reached: max_sessions={config.max_sessions}",
-                               {"limit": "max_sessions"})
+            raise rpc.RpcError(
+                ErrorCode.LIMIT_REACHED,
+                f"session limit reached: max_sessions={config.max_sessions}",
+                {"limit": "max_sessions"},
+            )
         owned = sum(1 for sid in conn.sessions if sid in self._sessions and self._sessions[sid].live)
         if owned >= config.max_sessions_per_connection:
-            raise rpc.RpcError(ErrorCode.LIMIT_REACHED, "per-connection session limit reached: "
-                               f"max_sessions_per_connection={config.max_sessions_per_connection}",
-                               {"limit": "max_sessions_per_connection"})
+            raise rpc.RpcError(
+                ErrorCode.LIMIT_REACHED,
+                "per-connection session limit reached: "
+                f"max_sessions_per_connection={config.max_sessions_per_connection}",
+                {"limit": "max_sessions_per_connection"},
+            )
         self._require_store_health()
         session_id = "s" + secrets.token_hex(8)
-        session = Session(session_id, agent, params.get("options") or {}, os.path.abspath(cwd), title,
-                          bool(params.get("close_on_disconnect", False)), self._new_stream(session_id),
-                          config.max_queued_prompts)
+        session = Session(
+            session_id,
+            agent,
+            params.get("options") or {},
+            os.path.abspath(cwd),
+            title,
+            bool(params.get("close_on_disconnect", False)),
+            self._new_stream(session_id),
+            config.max_queued_prompts,
+        )
         if self.store is not None:
             try:
-                self.store.create_session({
-                    "session_id": session.id, "agent": agent, "title": title, "cwd": session.cwd,
-                    "status": session.status.value, "created_at": session.created_at,
-                    "last_active": session.last_active, "close_on_disconnect": session.close_on_disconnect,
-                    "options": {k: v for k, v in session.options.items() if k not in _SECRET_OPTIONS}})
+                self.store.create_session(
+                    {
+                        "session_id": session.id,
+                        "agent": agent,
+                        "title": title,
+                        "cwd": session.cwd,
+                        "status": session.status.value,
+                        "created_at": session.created_at,
+                        "last_active": session.last_active,
+                        "close_on_disconnect": session.close_on_disconnect,
+                        "options": {k: v for k, v in session.options.items() if k not in _SECRET_OPTIONS},
+                    }
+                )
             except (StoreError, ValueError) as exc:
                 raise rpc.RpcError(ErrorCode.STORE_UNAVAILABLE, f"session store unavailable: {exc}") from None
         self._sessions[session.id] = session
@@ -319,11 +378,18 @@ class SessionRegistry:
             raise
         worker = session.slot.worker
         if not session.live or worker is None:
-            raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session {session.id} was closed while its worker was starting",
-                               {"session_id": session.id})
+            raise rpc.RpcError(
+                ErrorCode.NOT_FOUND,
+                f"session {session.id} was closed while its worker was starting",
+                {"session_id": session.id},
+            )
         self.metrics.worker_start.observe(time.monotonic() - started)
-        return {"session_id": session.id, "agent": session.agent, "worker_pid": worker.pid,
-                "created_at": session.created_at}
+        return {
+            "session_id": session.id,
+            "agent": session.agent,
+            "worker_pid": worker.pid,
+            "created_at": session.created_at,
+        }
 
     async def _start_worker(self, session: Session) -> None:
         """Give ``session`` a fresh worker; a worker that arrives after the session closed is stopped."""
@@ -336,8 +402,9 @@ class SessionRegistry:
             except StoreError as exc:
                 logger.warning("session %s: its saved agent state could not be read: %s", session.id, exc)
         try:
-            worker = await self.backend.acquire(session.agent, session.options, session.cwd, session.id,
-                                                state=session.agent_state)
+            worker = await self.backend.acquire(
+                session.agent, session.options, session.cwd, session.id, state=session.agent_state
+            )
         except UnknownAgentError as exc:
             session.slot.empty()
             raise rpc.RpcError(ErrorCode.UNKNOWN_AGENT, str(exc), {"agent": session.agent}) from None
@@ -345,15 +412,17 @@ class SessionRegistry:
             session.slot.empty()
             cause = exc.__cause__
             if isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE):
-                raise rpc.RpcError(ErrorCode.LIMIT_REACHED, "the gateway is out of file descriptors "
-                                   f"({cause.strerror}); close sessions or terminals, or raise its ulimit -n",
-                                   {"limit": "open_files"}) from None
+                raise rpc.RpcError(
+                    ErrorCode.LIMIT_REACHED,
+                    "the gateway is out of file descriptors "
+                    f"({cause.strerror}); close sessions or terminals, or raise its ulimit -n",
+                    {"limit": "open_files"},
+                ) from None
             raise rpc.RpcError(ErrorCode.WORKER_START_FAILED, f"worker failed to start: {exc}") from None
         if not session.live:  # closed meanwhile (the create/close race): never attach
             await worker.stop()
             return
-        reader = asyncio.get_running_loop().create_task(self._read_worker(session, worker),
-                                                        name=f"reader-{session.id}")
+        reader = asyncio.get_running_loop().create_task(self._read_worker(session, worker), name=f"reader-{session.id}")
         session.slot.attach(worker, reader)
         session.turns.worker_ready()
         self._next_prompt(session)
@@ -371,8 +440,11 @@ class SessionRegistry:
                 session.turns.worker_lost()
                 for prompt in session.turns.drain():
                     self._emit(session, EventType.TURN_START, {"turn_id": prompt.turn_id, "text": prompt.text})
-                    self._emit(session, EventType.TURN_COMPLETE, {"turn_id": prompt.turn_id,
-                                                                 "status": TurnStatus.ERROR, "error": err.message})
+                    self._emit(
+                        session,
+                        EventType.TURN_COMPLETE,
+                        {"turn_id": prompt.turn_id, "status": TurnStatus.ERROR, "error": err.message},
+                    )
 
         session.slot.starting(asyncio.get_running_loop().create_task(start(), name=f"starter-{session.id}"))
 
@@ -437,9 +509,11 @@ class SessionRegistry:
         session = self.get(params["session_id"])
         after = max(0, params.get("after_seq", 0))
         if after > session.seq:
-            raise rpc.RpcError(ErrorCode.INVALID_PARAMS,
-                               f"after_seq {after} is beyond the session's last seq {session.seq}",
-                               {"param": "after_seq"})
+            raise rpc.RpcError(
+                ErrorCode.INVALID_PARAMS,
+                f"after_seq {after} is beyond the session's last seq {session.seq}",
+                {"param": "after_seq"},
+            )
         self._attach(session, conn)
         session.touch()
         log = session.stream.log
@@ -447,9 +521,18 @@ class SessionRegistry:
         if log.persistent:  # older than the cache is on disk, not lost
             held = type(held)(held.frames, False, after + 1)
         replayed = session.seq - (held.first_seq - 1 if held.truncated else after)
-        frames = [rpc.encode_result(request_id, {
-            "session_id": session.id, "status": session.status.value, "last_seq": session.seq,
-            "replayed": replayed, "truncated": held.truncated})]
+        frames = [
+            rpc.encode_result(
+                request_id,
+                {
+                    "session_id": session.id,
+                    "status": session.status.value,
+                    "last_seq": session.seq,
+                    "replayed": replayed,
+                    "truncated": held.truncated,
+                },
+            )
+        ]
         if held.truncated:
             frames.append(EventStream.truncation_frame(session.id, held.first_seq))
             after = held.first_seq - 1
@@ -482,13 +565,25 @@ class SessionRegistry:
         log = session.stream.log
         durable = log.durable_seq
         page = await log.read(after, self.config.events_page_max_events, self.config.events_page_max_bytes)
-        frames = page.frames[:max(0, durable - page.first_seq + 1)]
+        frames = page.frames[: max(0, durable - page.first_seq + 1)]
         last = page.first_seq + len(frames) - 1 if frames else max(after, page.first_seq - 1)
         more = last < durable
-        events = ",".join(frame[len(_EVENT_PREFIX):-1] for frame in frames)
-        return ('{"jsonrpc":"2.0","id":' + encode_json(request_id).decode() + ',"result":{"events":[' + events +
-                '],"last_seq":' + str(durable) + ',"truncated":' + ("true" if page.truncated else "false") +
-                ',"more":' + ("true" if more else "false") + ',"next_after_seq":' + str(last) + "}}")
+        events = ",".join(frame[len(_EVENT_PREFIX) : -1] for frame in frames)
+        return (
+            '{"jsonrpc":"2.0","id":'
+            + encode_json(request_id).decode()
+            + ',"result":{"events":['
+            + events
+            + '],"last_seq":'
+            + str(durable)
+            + ',"truncated":'
+            + ("true" if page.truncated else "false")
+            + ',"more":'
+            + ("true" if more else "false")
+            + ',"next_after_seq":'
+            + str(last)
+            + "}}"
+        )
 
     async def _reopen_for_reading(self, session_id: str) -> None:
         """A stored closed session, readable by events.since without reopening it."""
@@ -535,8 +630,9 @@ class SessionRegistry:
             return  # the disk reader delivers first, then pumps again
         for item in session.stream.deliver(lambda: owner.has_room):
             if isinstance(item, OnDisk):
-                session.backfill = asyncio.get_running_loop().create_task(self._backfill(session, owner),
-                                                                         name=f"backfill-{session.id}")
+                session.backfill = asyncio.get_running_loop().create_task(
+                    self._backfill(session, owner), name=f"backfill-{session.id}"
+                )
                 return
             if isinstance(item, Gap):
                 owner.send(EventStream.truncation_frame(session.id, item.first_seq))
@@ -550,8 +646,12 @@ class SessionRegistry:
         """Deliver from disk what the cache no longer holds, in bounded pieces, then hand back to the pump."""
         stream = session.stream
         try:
-            while session.owner is owner and owner.is_open and stream.log.get(stream.delivered + 1) is None \
-                    and stream.delivered < stream.log.durable_seq:
+            while (
+                session.owner is owner
+                and owner.is_open
+                and stream.log.get(stream.delivered + 1) is None
+                and stream.delivered < stream.log.durable_seq
+            ):
                 piece = await stream.log.read(stream.delivered, _DISK_PIECE_EVENTS, _DISK_PIECE_BYTES)
                 if session.owner is not owner or not owner.is_open or not piece.frames:
                     break
@@ -640,16 +740,24 @@ class SessionRegistry:
         self._emit_exit(session, status, expected=False)
         turn_id = session.turns.current
         if turn_id is not None:
-            what = reason or (f"killed by signal {status.signal}" if status.signal else f"exit status {status.returncode}")
-            self._emit(session, EventType.TURN_COMPLETE, {"turn_id": turn_id, "status": TurnStatus.ERROR,
-                                                         "error": f"worker died: {what}"})
+            what = reason or (
+                f"killed by signal {status.signal}" if status.signal else f"exit status {status.returncode}"
+            )
+            self._emit(
+                session,
+                EventType.TURN_COMPLETE,
+                {"turn_id": turn_id, "status": TurnStatus.ERROR, "error": f"worker died: {what}"},
+            )
         session.turns.worker_lost()
         if session.turns.queued:
             self._ensure_worker(session)
 
     def _emit_exit(self, session: Session, status: ExitStatus, expected: bool) -> None:
-        self._emit(session, EventType.WORKER_EXITED, {"pid": status.pid, "returncode": status.returncode,
-                                                     "signal": status.signal, "expected": expected})
+        self._emit(
+            session,
+            EventType.WORKER_EXITED,
+            {"pid": status.pid, "returncode": status.returncode, "signal": status.signal, "expected": expected},
+        )
 
     # Turns ---------------------------------------------------------------------------------------------
     def submit(self, session_id: str, text: str) -> dict[str, Any]:
@@ -657,9 +765,13 @@ class SessionRegistry:
         try:
             prompt = session.turns.submit(text)
         except QueueFull as exc:
-            raise rpc.RpcError(ErrorCode.BUSY, f"prompt queue full: {exc.args[0]} prompts already wait "
-                               f"(max_queued_prompts={self.config.max_queued_prompts}); retry after a turn "
-                               "completes", {"limit": "max_queued_prompts"}) from None
+            raise rpc.RpcError(
+                ErrorCode.BUSY,
+                f"prompt queue full: {exc.args[0]} prompts already wait "
+                f"(max_queued_prompts={self.config.max_queued_prompts}); retry after a turn "
+                "completes",
+                {"limit": "max_queued_prompts"},
+            ) from None
         session.touch()
         started = self._next_prompt(session)
         if session.slot.state is SlotState.NONE:
@@ -704,8 +816,12 @@ class SessionRegistry:
         except TimeoutError:
             # Several callers can get here for one turn: only the first replaces the worker, the others
             # wait for the turn to end through it.
-            if session.turns.current == turn_id and session.live and worker is not None \
-                    and session.slot.is_current(worker):
+            if (
+                session.turns.current == turn_id
+                and session.live
+                and worker is not None
+                and session.slot.is_current(worker)
+            ):
                 await self._replace_worker(session, worker, turn_id)
             elif not ended.done():
                 await asyncio.wait([asyncio.shield(ended)], timeout=self.config.kill_grace_s + 5.0)
@@ -743,8 +859,11 @@ class SessionRegistry:
         session.touch()
         result = await session.slash.exec(command, session.snapshot())
         if session.live:  # part of the session's history: it replays like every other event
-            self._emit(session, EventType.SLASH_RESULT, {"command": command, "ok": result.get("ok", False),
-                                                        "output": result.get("output", "")})
+            self._emit(
+                session,
+                EventType.SLASH_RESULT,
+                {"command": command, "ok": result.get("ok", False), "output": result.get("output", "")},
+            )
         return result
 
     # Reaping -------------------------------------------------------------------------------------------
@@ -756,10 +875,18 @@ class SessionRegistry:
         if session.owner is not None or not session.live:
             return
         config = self.config
-        decision = reap_decision(ReapInputs(
-            detached_at=session.detached_at, last_active=session.last_active_mono, busy=session.turns.busy,
-            blocked_since=session.blocked_since, grace_s=config.grace_s, idle_ttl_s=config.idle_ttl_s,
-            blocked_s=config.blocked_detached_s), time.monotonic())
+        decision = reap_decision(
+            ReapInputs(
+                detached_at=session.detached_at,
+                last_active=session.last_active_mono,
+                busy=session.turns.busy,
+                blocked_since=session.blocked_since,
+                grace_s=config.grace_s,
+                idle_ttl_s=config.idle_ttl_s,
+                blocked_s=config.blocked_detached_s,
+            ),
+            time.monotonic(),
+        )
         if decision.close is not None:
             self._spawn_close(session, decision.close)
         elif decision.wake_at is not None:
@@ -767,8 +894,9 @@ class SessionRegistry:
             session.reap_timer = asyncio.get_running_loop().call_later(delay, self._schedule_reap, session)
 
     def _spawn_close(self, session: Session, reason: str) -> None:
-        asyncio.get_running_loop().create_task(self.close(session.id, reason, missing_ok=True),
-                                               name=f"reap-{session.id}")
+        asyncio.get_running_loop().create_task(
+            self.close(session.id, reason, missing_ok=True), name=f"reap-{session.id}"
+        )
 
     # The teardown funnel --------------------------------------------------------------------------------
     async def close(self, session_id: str, reason: str, missing_ok: bool = False) -> dict[str, Any]:
@@ -779,8 +907,9 @@ class SessionRegistry:
                 return {"closed": True}
             raise rpc.RpcError(ErrorCode.NOT_FOUND, f"session not found: {session_id!r}", {"session_id": session_id})
         if session.teardown is None:
-            session.teardown = asyncio.get_running_loop().create_task(self._teardown(session, reason),
-                                                                      name=f"teardown-{session.id}")
+            session.teardown = asyncio.get_running_loop().create_task(
+                self._teardown(session, reason), name=f"teardown-{session.id}"
+            )
         return await asyncio.shield(session.teardown)
 
     async def _teardown(self, session: Session, reason: str) -> dict[str, Any]:
@@ -827,8 +956,7 @@ class SessionRegistry:
         elif reason != CloseReason.DELETED:
             summary = session.summary()
             del summary["attached"]
-            self._closed[session.id] = {**summary, "status": SessionStatus.CLOSED.value,
-                                        "closed_reason": str(reason)}
+            self._closed[session.id] = {**summary, "status": SessionStatus.CLOSED.value, "closed_reason": str(reason)}
             while len(self._closed) > _CLOSED_KEPT:
                 self._closed.popitem(last=False)
         self.metrics.reaps.labels(reason=str(reason)).inc()
@@ -841,15 +969,16 @@ class SessionRegistry:
         self._disown(session)
 
     async def close_all(self, reason: str) -> None:
-        await asyncio.gather(*(self.close(sid, reason, missing_ok=True) for sid in list(self._sessions)),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *(self.close(sid, reason, missing_ok=True) for sid in list(self._sessions)), return_exceptions=True
+        )
 
 
 def _state_of(body: bytes) -> bytes | None:
     """The ``state`` of an ``Op.STATE`` frame, kept encoded (the worker encoded it; the next worker decodes)."""
     prefix = b'{"state":'
     if body.startswith(prefix) and body.endswith(b"}") and body.count(b'"state"') == 1:
-        value = body[len(prefix):-1].strip()
+        value = body[len(prefix) : -1].strip()
     else:  # another encoder's spelling: decode (state frames are rare: one per turn)
         try:
             decoded = json.loads(body)

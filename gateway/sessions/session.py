@@ -66,8 +66,17 @@ class WorkerSlot:
 
 
 class Session:
-    def __init__(self, session_id: str, agent: str, options: dict[str, Any], cwd: str, title: str,
-                 close_on_disconnect: bool, stream: EventStream, max_queued_prompts: int) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        agent: str,
+        options: dict[str, Any],
+        cwd: str,
+        title: str,
+        close_on_disconnect: bool,
+        stream: EventStream,
+        max_queued_prompts: int,
+    ) -> None:
         # Restored sessions (stream.seq > 0) number their turns after every seq so far: each earlier turn
         # used at least one seq, so no id repeats.
         self.id = session_id

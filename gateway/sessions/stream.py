@@ -29,8 +29,9 @@ class OnDisk:
 
 
 class EventStream:
-    def __init__(self, session_id: str, log: EventLog, *, reader_max_events: int, reader_max_bytes: int,
-                 seq: int = 0) -> None:
+    def __init__(
+        self, session_id: str, log: EventLog, *, reader_max_events: int, reader_max_bytes: int, seq: int = 0
+    ) -> None:
         self.session_id = session_id
         self.log = log
         self.seq = seq  # last seq assigned
@@ -89,8 +90,7 @@ class EventStream:
     @property
     def reader_has_room(self) -> bool:
         """Whether the worker's pipe may be read: events the owner's socket has not taken are bounded."""
-        return (self.log.unsettled_count < self._reader_max_events
-                and self.log.unsettled_bytes < self._reader_max_bytes)
+        return self.log.unsettled_count < self._reader_max_events and self.log.unsettled_bytes < self._reader_max_bytes
 
     @staticmethod
     def truncation_frame(session_id: str, first_seq: int) -> str:

@@ -60,9 +60,9 @@ class TurnQueue:
 
     def submit(self, text: str) -> Prompt:
         """Queue a prompt; :meth:`take_next` says when it starts.  Raises :class:`QueueFull`."""
-        if self.current is not None or self._queue or self.status is not SessionStatus.IDLE:
-            if len(self._queue) >= self._max_queued:
-                raise QueueFull(len(self._queue))
+        waits = self.current is not None or self._queue or self.status is not SessionStatus.IDLE
+        if waits and len(self._queue) >= self._max_queued:
+            raise QueueFull(len(self._queue))
         prompt = Prompt(f"{self._session_id}.t{next(self._ids)}", text)
         self._queue.append(prompt)
         return prompt

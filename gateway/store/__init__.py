@@ -22,8 +22,10 @@ __all__ = ["EventStore", "StoreCorrupt", "StoreError", "StoreLocked"]
 def __getattr__(name: str) -> Any:
     if name == "EventStore":
         from gateway.store.client import EventStore
+
         return EventStore
     if name in ("StoreCorrupt", "StoreError", "StoreLocked"):
         from gateway.store import errors
+
         return getattr(errors, name)
     raise AttributeError(f"module 'gateway.store' has no attribute {name!r}")

@@ -29,7 +29,15 @@ from gateway.store.lock import acquire_lock, prepare_state_dir
 from gateway.store.pipe import StoreOp
 from gateway.store.sqlite_writer import check_session_fields, database_path
 from workers.channel import (
-    ChannelError, Frame, FrameReader, FrameWriter, Kind, control_frame, open_frame_reader, open_frame_writer)
+    ChannelError,
+    Frame,
+    FrameReader,
+    FrameWriter,
+    Kind,
+    control_frame,
+    open_frame_reader,
+    open_frame_writer,
+)
 
 logger = logging.getLogger("worker_gateway.store")
 
@@ -43,9 +51,18 @@ PIPE_BYTES = 1024 * 1024
 class EventStore:
     """The durable event log, agent state and session table of one gateway.  Create with :meth:`open`."""
 
-    def __init__(self, *, state_dir: Path, lock_fd: int, process: subprocess.Popen[bytes],
-                 reader: FrameReader, writer: FrameWriter, on_durable: Callable[[dict[str, int]], None],
-                 on_health: Callable[[str | None], None] | None, request_timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        lock_fd: int,
+        process: subprocess.Popen[bytes],
+        reader: FrameReader,
+        writer: FrameWriter,
+        on_durable: Callable[[dict[str, int]], None],
+        on_health: Callable[[str | None], None] | None,
+        request_timeout_s: float,
+    ) -> None:
         self.state_dir = state_dir
         self.path = database_path(state_dir)
         self._lock_fd: int | None = lock_fd
@@ -68,11 +85,20 @@ class EventStore:
     # -- opening and closing ---------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, state_dir: Path, *, on_durable: Callable[[dict[str, int]], None],
-                   on_health: Callable[[str | None], None] | None = None,
-                   retention_s: float, max_bytes: int, open_timeout_s: float = 30.0,
-                   request_timeout_s: float = 60.0, max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
-                   maintenance_every_s: float = 5.0, _max_page_count: int | None = None) -> EventStore:
+    async def open(
+        cls,
+        state_dir: Path,
+        *,
+        on_durable: Callable[[dict[str, int]], None],
+        on_health: Callable[[str | None], None] | None = None,
+        retention_s: float,
+        max_bytes: int,
+        open_timeout_s: float = 30.0,
+        request_timeout_s: float = 60.0,
+        max_write_buffer: int = DEFAULT_MAX_WRITE_BUFFER,
+        maintenance_every_s: float = 5.0,
+        _max_page_count: int | None = None,
+    ) -> EventStore:
         """Lock ``state_dir`` (:class:`StoreLocked`), start the writer, wait until it has the database
         open (:class:`StoreCorrupt` for a damaged file, :class:`StoreError` otherwise).
 
@@ -80,27 +106,57 @@ class EventStore:
         how the tests fill the "disk"."""
         state_dir = prepare_state_dir(Path(state_dir))
         lock_fd = acquire_lock(state_dir)
-        return await cls._start(state_dir, lock_fd, on_durable=on_durable, on_health=on_health,
-                                    retention_s=retention_s, max_bytes=max_bytes, open_timeout_s=open_timeout_s,
-                                    request_timeout_s=request_timeout_s, max_write_buffer=max_write_buffer,
-                                maintenance_every_s=maintenance_every_s, max_page_count=_max_page_count)
+        return await cls._start(
+            state_dir,
+            lock_fd,
+            on_durable=on_durable,
+            on_health=on_health,
+            retention_s=retention_s,
+            max_bytes=max_bytes,
+            open_timeout_s=open_timeout_s,
+            request_timeout_s=request_timeout_s,
+            max_write_buffer=max_write_buffer,
+            maintenance_every_s=maintenance_every_s,
+            max_page_count=_max_page_count,
+        )
 
     @classmethod
-    async def from_config(cls, config: Config, *, on_durable: Callable[[dict[str, int]], None],
-                          on_health: Callable[[str | None], None] | None = None) -> EventStore | None:
+    async def from_config(
+        cls,
+        config: Config,
+        *,
+        on_durable: Callable[[dict[str, int]], None],
+        on_health: Callable[[str | None], None] | None = None,
+    ) -> EventStore | None:
         """The store a ``serve`` run asks for: None with ``--no-state``, else opened on ``--state-dir``
         (or the default) with the retention and size cap of ``config``."""
         state_dir = store_state_dir(config)
         if state_dir is None:
             return None
-        return await cls.open(Path(state_dir), on_durable=on_durable, on_health=on_health,
-                              retention_s=config.retention_days * 86400.0, max_bytes=config.store_max_bytes)
+        return await cls.open(
+            Path(state_dir),
+            on_durable=on_durable,
+            on_health=on_health,
+            retention_s=config.retention_days * 86400.0,
+            max_bytes=config.store_max_bytes,
+        )
 
     @classmethod
-    async def _start(cls, state_dir: Path, lock_fd: int, *, on_durable: Callable[[dict[str, int]], None],
-                     on_health: Callable[[str | None], None] | None, retention_s: float, max_bytes: int,
-                     open_timeout_s: float, request_timeout_s: float, max_write_buffer: int,
-                     maintenance_every_s: float, max_page_count: int | None) -> EventStore:
+    async def _start(
+        cls,
+        state_dir: Path,
+        lock_fd: int,
+        *,
+        on_durable: Callable[[dict[str, int]], None],
+        on_health: Callable[[str | None], None] | None,
+        retention_s: float,
+        max_bytes: int,
+        open_timeout_s: float,
+        request_timeout_s: float,
+        max_write_buffer: int,
+        maintenance_every_s: float,
+        max_page_count: int | None,
+    ) -> EventStore:
         """Start the writer; ``lock_fd`` is owned from here on (closed on every failure path)."""
         try:
             req_r, req_w = os.pipe()
@@ -113,15 +169,33 @@ class EventStore:
             for fd in (lock_fd, req_r, req_w):
                 os.close(fd)
             raise
-        argv = [sys.executable, "-m", "gateway.store.writer_main", "--db", str(database_path(state_dir)),
-                "--read-fd", str(req_r), "--write-fd", str(ans_w), "--lock-fd", str(lock_fd),
-                "--parent-pid", str(os.getpid()), "--retention-s", repr(float(retention_s)),
-                "--max-bytes", str(int(max_bytes)), "--maintenance-every-s", repr(float(maintenance_every_s))]
+        argv = [
+            sys.executable,
+            "-m",
+            "gateway.store.writer_main",
+            "--db",
+            str(database_path(state_dir)),
+            "--read-fd",
+            str(req_r),
+            "--write-fd",
+            str(ans_w),
+            "--lock-fd",
+            str(lock_fd),
+            "--parent-pid",
+            str(os.getpid()),
+            "--retention-s",
+            repr(float(retention_s)),
+            "--max-bytes",
+            str(int(max_bytes)),
+            "--maintenance-every-s",
+            repr(float(maintenance_every_s)),
+        ]
         if max_page_count is not None:
             argv += ["--max-page-count", str(int(max_page_count))]
         try:
-            process = subprocess.Popen(argv, pass_fds=(req_r, ans_w, lock_fd), stdin=subprocess.DEVNULL,
-                                       start_new_session=True, close_fds=True)
+            process = subprocess.Popen(  # noqa: ASYNC220 - once, at start-up, before the server accepts anyone
+                argv, pass_fds=(req_r, ans_w, lock_fd), stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True
+            )
         except BaseException:
             for fd in (lock_fd, req_r, req_w, ans_r, ans_w):
                 os.close(fd)
@@ -143,8 +217,16 @@ class EventStore:
             await asyncio.shield(_wait_exit(process))
             os.close(lock_fd)
             raise
-        store = cls(state_dir=state_dir, lock_fd=lock_fd, process=process, reader=reader, writer=writer,
-                    on_durable=on_durable, on_health=on_health, request_timeout_s=request_timeout_s)
+        store = cls(
+            state_dir=state_dir,
+            lock_fd=lock_fd,
+            process=process,
+            reader=reader,
+            writer=writer,
+            on_durable=on_durable,
+            on_health=on_health,
+            request_timeout_s=request_timeout_s,
+        )
         try:
             first = await asyncio.wait_for(_first_frame(reader), open_timeout_s)
         except TimeoutError:
@@ -262,14 +344,17 @@ class EventStore:
         request = await self._request(StoreOp.GET_STATE, {"session_id": session_id})
         return request.state
 
-    async def read_events(self, session_id: str, after_seq: int, *, max_events: int,
-                          max_bytes: int) -> list[tuple[int, bytes]]:
+    async def read_events(
+        self, session_id: str, after_seq: int, *, max_events: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
         """Stored events with seq > ``after_seq``, in order: at most ``max_events`` and about ``max_bytes``
         (always at least one when any exists).  An empty list means there is nothing after ``after_seq``."""
         if max_events < 1 or max_bytes < 1:
             raise ValueError("max_events and max_bytes must be positive")
-        request = await self._request(StoreOp.READ_EVENTS, {"session_id": session_id, "after_seq": int(after_seq),
-                                                            "max_events": max_events, "max_bytes": max_bytes})
+        request = await self._request(
+            StoreOp.READ_EVENTS,
+            {"session_id": session_id, "after_seq": int(after_seq), "max_events": max_events, "max_bytes": max_bytes},
+        )
         return request.rows
 
     async def get_session(self, session_id: str) -> dict[str, Any] | None:
@@ -389,7 +474,7 @@ def _call(callback: Callable[[Any], None], value: Any) -> None:
 
 
 class _Request:
-    __slots__ = ("done", "value", "rows", "state")
+    __slots__ = ("done", "rows", "state", "value")
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.done = done
@@ -429,11 +514,16 @@ async def _wait_exit(process: subprocess.Popen[bytes]) -> int:
         pidfd = os.pidfd_open(process.pid)
     except ProcessLookupError:
         return process.wait()
-    exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    exited: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(pidfd, _resolve, exited)
     try:
         await exited
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
     return process.wait()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 class DurableEventLog:
     persistent = True
 
-    def __init__(self, session_id: str, store: EventStore, *, max_events: int, max_bytes: int,
-                 last_seq: int = 0) -> None:
+    def __init__(
+        self, session_id: str, store: EventStore, *, max_events: int, max_bytes: int, last_seq: int = 0
+    ) -> None:
         self.session_id = session_id
         self._store = store
         self.max_events = max_events
@@ -91,9 +92,12 @@ class DurableEventLog:
     def _evict(self) -> None:
         """Forget the oldest durable events while the cache is over a bound."""
         frames = self._frames
-        while frames and self._first_seq <= self._durable \
-                and (not self.keep_unsettled or self._first_seq <= self._settled) \
-                and (len(frames) > self.max_events or self._bytes > self.max_bytes):
+        while (
+            frames
+            and self._first_seq <= self._durable
+            and (not self.keep_unsettled or self._first_seq <= self._settled)
+            and (len(frames) > self.max_events or self._bytes > self.max_bytes)
+        ):
             size = len(frames.popleft())
             self._bytes -= size
             if self._first_seq <= self._settled:
@@ -130,8 +134,7 @@ class DurableEventLog:
         after_seq = max(0, after_seq)
         if after_seq + 1 >= self._first_seq:
             return self.page(after_seq, max_events, max_bytes)
-        rows = await self._store.read_events(self.session_id, after_seq, max_events=max_events,
-                                             max_bytes=max_bytes)
+        rows = await self._store.read_events(self.session_id, after_seq, max_events=max_events, max_bytes=max_bytes)
         if not rows:  # nothing on disk after it: the cache's oldest event is next
             return self.page(self._first_seq - 1, max_events, max_bytes)
         # The cache may have moved on while we waited: rows beyond what it holds still came from disk.

@@ -77,7 +77,9 @@ def _try_lock(state_dir: Path) -> int:
         who = f"pid {holder}" if holder is not None else "another process"
         raise StoreLocked(
             f"the state directory {state_dir} is in use by another gateway ({who}); stop it, or start this "
-            "one with another --state-dir (or --no-state)", holder) from None
+            "one with another --state-dir (or --no-state)",
+            holder,
+        ) from None
     except OSError as exc:
         os.close(fd)
         raise StoreError(f"cannot lock {path}: {exc.strerror or exc}") from exc

@@ -100,8 +100,9 @@ class MemoryEventLog:
         frames = self._frames
         while self._settled_seq >= self._first_seq:
             over_bytes = self._settled_bytes > self.max_bytes
-            over_count = (self._acked_seq >= self._first_seq
-                          and self._settled_seq - self._first_seq + 1 > self.max_events)
+            over_count = (
+                self._acked_seq >= self._first_seq and self._settled_seq - self._first_seq + 1 > self.max_events
+            )
             if not (over_bytes or over_count):
                 return
             size = len(frames.popleft())

@@ -73,8 +73,8 @@ def decode_append(body: bytes) -> tuple[str, int, str, bytes]:
     pos += 8
     type_len = body[pos]
     pos += 1
-    etype = body[pos:pos + type_len].decode("utf-8")
-    return sid, seq, etype, body[pos + type_len:]
+    etype = body[pos : pos + type_len].decode("utf-8")
+    return sid, seq, etype, body[pos + type_len :]
 
 
 def encode_put_state(session_id: str, through_seq: int, state: bytes) -> bytes:
@@ -87,7 +87,7 @@ def decode_put_state(body: bytes) -> tuple[str, int, bytes]:
     (sid_len,) = _U16.unpack_from(body, 0)
     pos = 2 + sid_len
     (through,) = _U64.unpack_from(body, pos)
-    return body[2:pos].decode("utf-8"), through, body[pos + 8:]
+    return body[2:pos].decode("utf-8"), through, body[pos + 8 :]
 
 
 def encode_row(request_id: int, seq: int, frame: bytes) -> bytes:
@@ -96,7 +96,7 @@ def encode_row(request_id: int, seq: int, frame: bytes) -> bytes:
 
 def decode_row(body: bytes) -> tuple[int, int, bytes]:
     request_id, seq = _ROW.unpack_from(body, 0)
-    return request_id, seq, body[_ROW.size:]
+    return request_id, seq, body[_ROW.size :]
 
 
 def encode_state_row(request_id: int, state: bytes) -> bytes:

@@ -139,14 +139,17 @@ def open_database(path: Path, *, max_page_count: int | None = None) -> sqlite3.C
     except sqlite3.DatabaseError as exc:
         conn.close()
         text = str(exc)
-        corrupt = existed and (not isinstance(exc, sqlite3.OperationalError) or "malformed" in text
-                               or "not a database" in text)
+        corrupt = existed and (
+            not isinstance(exc, sqlite3.OperationalError) or "malformed" in text or "not a database" in text
+        )
         if corrupt:
             raise DatabaseOpenError(
-                OpenFailure.CORRUPT, path,
+                OpenFailure.CORRUPT,
+                path,
                 f"the session store {path} is corrupt ({exc}). It was left untouched. Stop the gateway, "
                 f"recover it with: {recovery_command(path)} , then move the recovered file into place "
-                f"(or move {path} away to start empty).") from exc
+                f"(or move {path} away to start empty).",
+            ) from exc
         raise DatabaseOpenError(OpenFailure.ERROR, path, f"cannot open {path}: {exc}") from exc
     return conn
 
@@ -168,10 +171,18 @@ class _Batch:
 class SqliteWriter:
     """Schema, batching, reads and retention over one connection; returns the frames to send back."""
 
-    def __init__(self, conn: sqlite3.Connection, *, retention_s: float, max_bytes: int,
-                 max_batch_rows: int = 1024, max_batch_bytes: int = 8 * 1024 * 1024,
-                 purge_batch_rows: int = 2000, maintenance_every_s: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        retention_s: float,
+        max_bytes: int,
+        max_batch_rows: int = 1024,
+        max_batch_bytes: int = 8 * 1024 * 1024,
+        purge_batch_rows: int = 2000,
+        maintenance_every_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._conn = conn
         self._retention_s = retention_s
         self._max_bytes = max_bytes
@@ -303,9 +314,12 @@ class SqliteWriter:
                 rows = []
             if op is StoreOp.PUT_STATE:
                 sid, through, state = value
-                conn.execute("INSERT INTO state (session_id, through_seq, state, saved_at) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT(session_id) DO UPDATE SET through_seq=excluded.through_seq, "
-                             "state=excluded.state, saved_at=excluded.saved_at", (sid, through, state, now))
+                conn.execute(
+                    "INSERT INTO state (session_id, through_seq, state, saved_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(session_id) DO UPDATE SET through_seq=excluded.through_seq, "
+                    "state=excluded.state, saved_at=excluded.saved_at",
+                    (sid, through, state, now),
+                )
             elif op is StoreOp.CREATE_SESSION:
                 self._create_session(value.get("meta") or {}, now)
             elif op is StoreOp.UPDATE_SESSION:
@@ -318,7 +332,8 @@ class SqliteWriter:
                 "VALUES (?, ?, ?, ?, ?, MAX(?, 0)) ON CONFLICT(session_id) DO UPDATE SET "
                 "last_seq=MAX(last_seq, excluded.last_seq), bytes=bytes+excluded.bytes, "
                 "turn_running=CASE WHEN ? < 0 THEN turn_running ELSE ? END",
-                (sid, now, now, max_seq, nbytes, turn, turn, turn))
+                (sid, now, now, max_seq, nbytes, turn, turn, turn),
+            )
             durable[sid] = max_seq
         conn.execute("COMMIT")
         return durable
@@ -327,7 +342,8 @@ class SqliteWriter:
         before = self._conn.total_changes
         # A duplicate (session, seq) keeps the row already stored: the gateway resent what was committed.
         self._conn.executemany(
-            "INSERT INTO events (session_id, seq, type, frame) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", rows)
+            "INSERT INTO events (session_id, seq, type, frame) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", rows
+        )
         skipped = len(rows) - (self._conn.total_changes - before)
         if skipped:
             logger.warning("store: %d appended events repeated a stored (session, seq) and were ignored", skipped)
@@ -345,7 +361,9 @@ class SqliteWriter:
         updates = ", ".join(f"{c}=excluded.{c}" for c in names[1:])
         self._conn.execute(
             f"INSERT INTO sessions ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-            f"ON CONFLICT(session_id) DO UPDATE SET {updates}", values)
+            f"ON CONFLICT(session_id) DO UPDATE SET {updates}",
+            values,
+        )
 
     def _update_session(self, sid: str, fields: dict[str, Any]) -> None:
         cols = {c: fields[c] for c in SESSION_COLUMNS if c in fields}
@@ -396,8 +414,10 @@ class SqliteWriter:
                 return 0
             max_events, max_bytes = int(body["max_events"]), int(body["max_bytes"])
             count = size = 0
-            cursor = conn.execute("SELECT seq, frame FROM events WHERE session_id=? AND seq>? ORDER BY seq LIMIT ?",
-                                  (sid, int(body["after_seq"]), max(1, max_events)))
+            cursor = conn.execute(
+                "SELECT seq, frame FROM events WHERE session_id=? AND seq>? ORDER BY seq LIMIT ?",
+                (sid, int(body["after_seq"]), max(1, max_events)),
+            )
             for seq, frame in cursor:
                 if count and size + len(frame) > max_bytes:
                     break  # always at least one event, so a reader can never be stuck on a large one
@@ -418,8 +438,9 @@ class SqliteWriter:
             return None if row is None else _session_dict(cursor.description, row)
         if op is StoreOp.LIST_SESSIONS:
             where = "" if body.get("include_closed") else f"WHERE status != '{CLOSED}'"
-            cursor = conn.execute(f"SELECT * FROM sessions {where} ORDER BY last_active DESC, rowid DESC LIMIT ?",
-                                  (int(body["limit"]),))
+            cursor = conn.execute(
+                f"SELECT * FROM sessions {where} ORDER BY last_active DESC, rowid DESC LIMIT ?", (int(body["limit"]),)
+            )
             return [_session_dict(cursor.description, row) for row in cursor]
         if op is StoreOp.RECOVER:
             cursor = conn.execute(f"SELECT * FROM sessions WHERE status != '{CLOSED}' ORDER BY last_active DESC")
@@ -440,8 +461,11 @@ class SqliteWriter:
         if op is StoreOp.CLAIM:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("INSERT INTO owner (id, gateway_id, epoch) VALUES (1, ?, 1) ON CONFLICT(id) DO UPDATE "
-                             "SET gateway_id=excluded.gateway_id, epoch=epoch+1", (str(body["gateway_id"]),))
+                conn.execute(
+                    "INSERT INTO owner (id, gateway_id, epoch) VALUES (1, ?, 1) ON CONFLICT(id) DO UPDATE "
+                    "SET gateway_id=excluded.gateway_id, epoch=epoch+1",
+                    (str(body["gateway_id"]),),
+                )
                 epoch = conn.execute("SELECT epoch FROM owner WHERE id=1").fetchone()[0]
                 conn.execute("COMMIT")
             except sqlite3.Error:
@@ -477,8 +501,10 @@ class SqliteWriter:
         sid = next(iter(self._purging))
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
-        deleted = conn.execute("DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE session_id=? "
-                               "LIMIT ?)", (sid, self._purge_batch_rows)).rowcount
+        deleted = conn.execute(
+            "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE session_id=? LIMIT ?)",
+            (sid, self._purge_batch_rows),
+        ).rowcount
         done = deleted < self._purge_batch_rows
         if done:
             conn.execute("DELETE FROM purge WHERE session_id=?", (sid,))
@@ -496,16 +522,25 @@ class SqliteWriter:
     def _expire(self) -> bool:
         conn = self._conn
         cutoff = self._clock() - self._retention_s
-        doomed = [r[0] for r in conn.execute(
-            f"SELECT session_id FROM sessions WHERE status='{CLOSED}' AND COALESCE(closed_at, last_active) < ?",
-            (cutoff,))]
+        doomed = [
+            r[0]
+            for r in conn.execute(
+                f"SELECT session_id FROM sessions WHERE status='{CLOSED}' AND COALESCE(closed_at, last_active) < ?",
+                (cutoff,),
+            )
+        ]
         total = conn.execute("SELECT COALESCE(SUM(bytes), 0) FROM sessions").fetchone()[0]
-        total -= sum(r[0] for r in conn.execute(
-            f"SELECT bytes FROM sessions WHERE session_id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)))
+        total -= sum(
+            r[0]
+            for r in conn.execute(
+                "SELECT bytes FROM sessions WHERE session_id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)
+            )
+        )
         if total > self._max_bytes:
             for sid, nbytes in conn.execute(
-                    f"SELECT session_id, bytes FROM sessions WHERE status='{CLOSED}' "
-                    "ORDER BY COALESCE(closed_at, last_active), rowid"):
+                f"SELECT session_id, bytes FROM sessions WHERE status='{CLOSED}' "
+                "ORDER BY COALESCE(closed_at, last_active), rowid"
+            ):
                 if total <= self._max_bytes:
                     break
                 if sid not in doomed:
@@ -534,14 +569,16 @@ class SqliteWriter:
         before them gets ``replay.truncated``) rather than refusing new ones."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
-        rows = conn.execute("SELECT rowid, session_id, length(frame) FROM events ORDER BY rowid LIMIT ?",
-                            (self._purge_batch_rows,)).fetchall()
+        rows = conn.execute(
+            "SELECT rowid, session_id, length(frame) FROM events ORDER BY rowid LIMIT ?", (self._purge_batch_rows,)
+        ).fetchall()
         per_session: dict[str, int] = {}
         for _rowid, sid, size in rows:
             per_session[sid] = per_session.get(sid, 0) + size
         conn.executemany("DELETE FROM events WHERE rowid=?", [(r[0],) for r in rows])
-        conn.executemany("UPDATE sessions SET bytes=MAX(0, bytes-?) WHERE session_id=?",
-                         [(n, s) for s, n in per_session.items()])
+        conn.executemany(
+            "UPDATE sessions SET bytes=MAX(0, bytes-?) WHERE session_id=?", [(n, s) for s, n in per_session.items()]
+        )
         conn.execute("COMMIT")
         if rows:
             self._next_maintenance = 0.0  # check the cap again at the next step
@@ -556,7 +593,7 @@ class SqliteWriter:
 
 
 def _session_dict(description: Any, row: tuple[Any, ...]) -> dict[str, Any]:
-    record = dict(zip((d[0] for d in description), row))
+    record = dict(zip((d[0] for d in description), row, strict=False))
     meta = json.loads(record.pop("meta") or "{}")
     record["turn_running"] = bool(record["turn_running"])
     return {**meta, **record}

@@ -53,7 +53,7 @@ class _Gateway:
         view = memoryview(b"".join(frames))
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError:
             self.gone = True
 
@@ -68,19 +68,33 @@ def _parent_alive(pid: int) -> bool:
     return True
 
 
-def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: float, max_bytes: int,
-        maintenance_every_s: float, max_page_count: int | None) -> int:
+def run(
+    *,
+    db: Path,
+    read_fd: int,
+    write_fd: int,
+    parent_pid: int,
+    retention_s: float,
+    max_bytes: int,
+    maintenance_every_s: float,
+    max_page_count: int | None,
+) -> int:
     gateway = _Gateway(write_fd)
     try:
         conn = open_database(db, max_page_count=max_page_count)
     except DatabaseOpenError as exc:
-        gateway.send([control_frame(StoreOp.OPEN_FAILED,
-                                    {"kind": exc.kind.value, "path": str(exc.path), "message": exc.message})])
+        gateway.send(
+            [
+                control_frame(
+                    StoreOp.OPEN_FAILED, {"kind": exc.kind.value, "path": str(exc.path), "message": exc.message}
+                )
+            ]
+        )
         return 3
-    writer = SqliteWriter(conn, retention_s=retention_s, max_bytes=max_bytes,
-                          maintenance_every_s=maintenance_every_s)
-    gateway.send([control_frame(StoreOp.READY, {"pid": os.getpid(), "path": str(db),
-                                                "sqlite_version": sqlite3.sqlite_version})])
+    writer = SqliteWriter(conn, retention_s=retention_s, max_bytes=max_bytes, maintenance_every_s=maintenance_every_s)
+    gateway.send(
+        [control_frame(StoreOp.READY, {"pid": os.getpid(), "path": str(db), "sqlite_version": sqlite3.sqlite_version})]
+    )
     try:
         pidfd: int | None = os.pidfd_open(parent_pid)
     except ProcessLookupError:
@@ -131,8 +145,10 @@ def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: 
             try:
                 frames = decoder.feed(data)
             except ChannelError as exc:
-                print(f"worker-gateway store writer: corrupt request stream ({exc}); committing and exiting",
-                      file=sys.stderr)
+                print(
+                    f"worker-gateway store writer: corrupt request stream ({exc}); committing and exiting",
+                    file=sys.stderr,
+                )
                 eof = True
                 break
             for frame in frames:
@@ -141,8 +157,10 @@ def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: 
                 try:
                     writer.submit(frame)
                 except (ValueError, KeyError) as exc:
-                    print(f"worker-gateway store writer: ignoring a bad request frame {frame.name!r}: {exc}",
-                          file=sys.stderr)
+                    print(
+                        f"worker-gateway store writer: ignoring a bad request frame {frame.name!r}: {exc}",
+                        file=sys.stderr,
+                    )
         final = eof or ending or closing
         if writer.has_work:
             now = time.monotonic()
@@ -161,8 +179,11 @@ def run(*, db: Path, read_fd: int, write_fd: int, parent_pid: int, retention_s: 
     lost_rows, lost_bytes = writer.queued_writes, writer.queued_bytes
     writer.close()
     if lost_rows:
-        print(f"worker-gateway store writer: {lost_rows} writes ({lost_bytes} bytes of events) could not be "
-              f"written ({writer.health}); none of them had been acknowledged", file=sys.stderr)
+        print(
+            f"worker-gateway store writer: {lost_rows} writes ({lost_bytes} bytes of events) could not be "
+            f"written ({writer.health}); none of them had been acknowledged",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -178,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", type=Path, required=True)
     parser.add_argument("--read-fd", type=int, required=True)
     parser.add_argument("--write-fd", type=int, required=True)
-    parser.add_argument("--lock-fd", type=int, required=True, help="held open: the state-dir lock lives as "
-                        "long as the writer does, so no second writer can start while this one commits")
+    parser.add_argument(
+        "--lock-fd",
+        type=int,
+        required=True,
+        help="held open: the state-dir lock lives as "
+        "long as the writer does, so no second writer can start while this one commits",
+    )
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--retention-s", type=float, required=True)
     parser.add_argument("--max-bytes", type=int, required=True)
@@ -188,9 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when the store ends
     logging.basicConfig(level=logging.WARNING, format="worker-gateway store writer: %(message)s")
-    return run(db=args.db, read_fd=args.read_fd, write_fd=args.write_fd, parent_pid=args.parent_pid,
-               retention_s=args.retention_s, max_bytes=args.max_bytes,
-               maintenance_every_s=args.maintenance_every_s, max_page_count=args.max_page_count)
+    return run(
+        db=args.db,
+        read_fd=args.read_fd,
+        write_fd=args.write_fd,
+        parent_pid=args.parent_pid,
+        retention_s=args.retention_s,
+        max_bytes=args.max_bytes,
+        maintenance_every_s=args.maintenance_every_s,
+        max_page_count=args.max_page_count,
+    )
 
 
 if __name__ == "__main__":

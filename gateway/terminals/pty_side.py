@@ -173,8 +173,7 @@ class Terminal:
         view = Attachment(websocket, self.replay_bytes())
         self.attachment = view
         if previous is not None:
-            previous.request_close(CLOSE_SUPERSEDED, "superseded by a newer connection to this terminal",
-                                   drain=False)
+            previous.request_close(CLOSE_SUPERSEDED, "superseded by a newer connection to this terminal", drain=False)
         self.cancel_grace()
         self.resume_reading()
         return view
@@ -208,9 +207,13 @@ class Terminal:
     def describe(self) -> dict[str, Any]:
         view = self.attachment
         return {
-            "terminal_id": self.id, "pid": self.pty.pid, "state": self.state.value, "reader": self.reader.value,
-            "cols": self.pty.cols, "rows": self.pty.rows, "attached": view is not None,
-            "outbound_bytes": len(view.pending) if view is not None else 0, "input_bytes": len(self._input),
+            "terminal_id": self.id,
+            "pid": self.pty.pid,
+            "state": self.state.value,
+            "reader": self.reader.value,
+            "cols": self.pty.cols,
+            "rows": self.pty.rows,
+            "attached": view is not None,
+            "outbound_bytes": len(view.pending) if view is not None else 0,
+            "input_bytes": len(self._input),
         }
-
-

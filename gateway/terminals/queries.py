@@ -23,18 +23,18 @@ _INTRO = rb"(?:\x1b\[|\xc2\x9b|(?<![\x80-\xff])\x9b)"
 _NUM = rb"[0-9;:]*"
 #: Complete query sequences (C speed: ``re`` skips plain text quickly).
 _QUERY = re.compile(
-    rb"\x05"                                                   # ENQ: answerback request
+    rb"\x05"  # ENQ: answerback request
     rb"|" + _INTRO + rb"(?:"
-    rb"\??" + _NUM + rb"n"                                     # DSR: 5n, 6n, 06n, ?6n, ?996n ...
-    rb"|[>=]?" + _NUM + rb"c"                                  # DA1 / DA2 / DA3: c, 0c, 00c, >c, =c
-    rb"|>" + _NUM + rb"q"                                      # XTVERSION
-    rb"|\??" + _NUM + rb"\$[pwu]"                              # DECRQM, DECRQPSR, DECRQTSR
-    rb"|" + _NUM + rb"x"                                       # DECREQTPARM
-    rb"|\?" + _NUM + rb"[umS]"                                 # kitty keyboard, XTQMODKEYS, XTSMGRAPHICS
-    rb"|0*(?:1[1345689]|2[01])(?:;[0-9]*)*t"                   # XTWINOPS reports (state, size, title)
+    rb"\??" + _NUM + rb"n"  # DSR: 5n, 6n, 06n, ?6n, ?996n ...
+    rb"|[>=]?" + _NUM + rb"c"  # DA1 / DA2 / DA3: c, 0c, 00c, >c, =c
+    rb"|>" + _NUM + rb"q"  # XTVERSION
+    rb"|\??" + _NUM + rb"\$[pwu]"  # DECRQM, DECRQPSR, DECRQTSR
+    rb"|" + _NUM + rb"x"  # DECREQTPARM
+    rb"|\?" + _NUM + rb"[umS]"  # kitty keyboard, XTQMODKEYS, XTSMGRAPHICS
+    rb"|0*(?:1[1345689]|2[01])(?:;[0-9]*)*t"  # XTWINOPS reports (state, size, title)
     rb")"
     rb"|\x1b\][0-9]+;(?:[^\x07\x1b]{0,128};)?\?(?:\x07|\x1b\\)"  # OSC colour / clipboard queries (...;?)
-    rb"|\x1bP[$+]q[^\x1b]{0,512}\x1b\\"                        # DCS DECRQSS, XTGETTCAP
+    rb"|\x1bP[$+]q[^\x1b]{0,512}\x1b\\"  # DCS DECRQSS, XTGETTCAP
 )
 #: A sequence that has begun but not ended at the end of the data seen so far.
 _INCOMPLETE = re.compile(
@@ -77,8 +77,8 @@ class QueryStripper:
         self._held = data[cut:]
         self._clean += _QUERY.sub(b"", data[:cut])
         if len(self._clean) > 2 * self._limit:  # one memmove per ``limit`` bytes, not one per read
-            del self._clean[:-self._limit]
+            del self._clean[: -self._limit]
 
     def snapshot(self) -> bytes:
         """The last ``limit`` bytes of output without queries (an unfinished sequence at the end included)."""
-        return bytes(self._clean[-self._limit:]) + self._held
+        return bytes(self._clean[-self._limit :]) + self._held

@@ -26,7 +26,8 @@ import logging
 import os
 import secrets
 import sys
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from starlette.websockets import WebSocket
 
@@ -81,37 +82,56 @@ class TerminalRegistry:
     # JSON-RPC handlers (params already validated against rpc.METHOD_PARAMS) -------------------------------
     async def open(self, params: dict[str, Any]) -> dict[str, Any]:
         if sys.platform == "win32":
-            raise rpc.RpcError(rpc.NOT_SUPPORTED, "terminals are not supported on Windows: it has no "
-                               "pseudo-terminals that this gateway can drive; run the gateway on Linux or macOS")
+            raise rpc.RpcError(
+                rpc.NOT_SUPPORTED,
+                "terminals are not supported on Windows: it has no "
+                "pseudo-terminals that this gateway can drive; run the gateway on Linux or macOS",
+            )
         if self._closed:
             raise rpc.RpcError(rpc.INTERNAL_ERROR, "the gateway is shutting down; no new terminals")
         limit = self._config.max_terminals
         if len(self._terminals) + self._opening >= limit:
-            raise rpc.RpcError(rpc.LIMIT_REACHED, f"too many terminals: the limit is {limit} (max_terminals); "
-                               "close one with terminal.close first", {"limit": "max_terminals"})
+            raise rpc.RpcError(
+                rpc.LIMIT_REACHED,
+                f"too many terminals: the limit is {limit} (max_terminals); close one with terminal.close first",
+                {"limit": "max_terminals"},
+            )
         argv = params.get("argv")
         if argv is not None and (not argv or not argv[0]):
-            raise rpc.RpcError(rpc.INVALID_PARAMS, "param 'argv' of terminal.open must name a program "
-                               "(a non-empty list); omit it for the user's shell", {"param": "argv"})
+            raise rpc.RpcError(
+                rpc.INVALID_PARAMS,
+                "param 'argv' of terminal.open must name a program (a non-empty list); omit it for the user's shell",
+                {"param": "argv"},
+            )
         if argv is not None and any("\0" in arg for arg in argv):
-            raise rpc.RpcError(rpc.INVALID_PARAMS, "param 'argv' of terminal.open has an argument with a NUL "
-                               "character, which no program can receive; remove it", {"param": "argv"})
+            raise rpc.RpcError(
+                rpc.INVALID_PARAMS,
+                "param 'argv' of terminal.open has an argument with a NUL "
+                "character, which no program can receive; remove it",
+                {"param": "argv"},
+            )
         if "\0" in (params.get("cwd") or ""):
-            raise rpc.RpcError(rpc.INVALID_PARAMS, "param 'cwd' of terminal.open has a NUL character",
-                               {"param": "cwd"})
+            raise rpc.RpcError(rpc.INVALID_PARAMS, "param 'cwd' of terminal.open has a NUL character", {"param": "cwd"})
         argv = list(argv) if argv else default_argv()
         cwd = os.path.expanduser(params.get("cwd") or "~")
         if not os.path.isdir(cwd):
-            raise rpc.RpcError(rpc.INVALID_PARAMS, f"param 'cwd' of terminal.open is not a directory: {cwd!r}",
-                               {"param": "cwd"})
+            raise rpc.RpcError(
+                rpc.INVALID_PARAMS, f"param 'cwd' of terminal.open is not a directory: {cwd!r}", {"param": "cwd"}
+            )
         self._opening += 1
         try:
             await self._ensure_warden()
-            pty = await PtyProcess.spawn(argv, cwd=cwd, cols=params.get("cols", DEFAULT_COLS),
-                                         rows=params.get("rows", DEFAULT_ROWS), nice=self._config.worker_nice)
+            pty = await PtyProcess.spawn(
+                argv,
+                cwd=cwd,
+                cols=params.get("cols", DEFAULT_COLS),
+                rows=params.get("rows", DEFAULT_ROWS),
+                nice=self._config.worker_nice,
+            )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
-            raise rpc.RpcError(rpc.INVALID_PARAMS, f"cannot start {argv[0]!r}: {exc.strerror or exc}",
-                               {"param": "argv"}) from None
+            raise rpc.RpcError(
+                rpc.INVALID_PARAMS, f"cannot start {argv[0]!r}: {exc.strerror or exc}", {"param": "argv"}
+            ) from None
         except OSError as exc:
             raise rpc.RpcError(rpc.WORKER_START_FAILED, f"cannot start the terminal: {exc}") from None
         finally:
@@ -130,11 +150,21 @@ class TerminalRegistry:
 
     def list_terminals(self) -> dict[str, Any]:
         """``terminal.list``: the running terminals, oldest first, so a reloaded page can find its own."""
-        return {"terminals": [
-            {"terminal_id": t.id, "pid": t.pty.pid, "path": f"/pty/{t.id}", "cols": t.pty.cols,
-             "rows": t.pty.rows, "attached": t.attachment is not None, "created_at": t.created_at}
-            for t in sorted(self._terminals.values(), key=lambda t: t.created_at)
-            if t.state is TerminalState.RUNNING]}
+        return {
+            "terminals": [
+                {
+                    "terminal_id": t.id,
+                    "pid": t.pty.pid,
+                    "path": f"/pty/{t.id}",
+                    "cols": t.pty.cols,
+                    "rows": t.pty.rows,
+                    "attached": t.attachment is not None,
+                    "created_at": t.created_at,
+                }
+                for t in sorted(self._terminals.values(), key=lambda t: t.created_at)
+                if t.state is TerminalState.RUNNING
+            ]
+        }
 
     async def resize(self, params: dict[str, Any]) -> dict[str, Any]:
         self._get(params["terminal_id"]).pty.resize(params["cols"], params["rows"])
@@ -155,8 +185,10 @@ class TerminalRegistry:
     async def close_all(self) -> None:
         """Shutdown: end every terminal (in parallel), then the warden.  Idempotent."""
         self._closed = True
-        await asyncio.gather(*(self._teardown(t, "the gateway is shutting down")
-                               for t in list(self._terminals.values())), return_exceptions=True)
+        await asyncio.gather(
+            *(self._teardown(t, "the gateway is shutting down") for t in list(self._terminals.values())),
+            return_exceptions=True,
+        )
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -186,8 +218,12 @@ class TerminalRegistry:
             await close_quietly(websocket, CLOSE_TRY_AGAIN, f"connection limit reached: max_connections={limit}")
             return
         if not self._attach_bucket.take():
-            await close_quietly(websocket, CLOSE_TRY_AGAIN, "too many terminal attaches: retry in a moment "
-                                f"(terminal_attach_rate_per_s={self._config.terminal_attach_rate_per_s:g})")
+            await close_quietly(
+                websocket,
+                CLOSE_TRY_AGAIN,
+                "too many terminal attaches: retry in a moment "
+                f"(terminal_attach_rate_per_s={self._config.terminal_attach_rate_per_s:g})",
+            )
             return
         self.sockets += 1
         try:
@@ -218,13 +254,16 @@ class TerminalRegistry:
             try:
                 self._warden = await Warden.start(self._config.watchdog_poll_s)
             except OSError as exc:  # best effort: every normal path still ends terminals
-                logger.warning("could not start the terminal warden (%s); terminals will not be ended if "
-                               "the gateway is killed", exc)
+                logger.warning(
+                    "could not start the terminal warden (%s); terminals will not be ended if the gateway is killed",
+                    exc,
+                )
 
     def _start_grace(self, term: Terminal, delay: float) -> None:
         term.cancel_grace()
         term.grace = asyncio.get_running_loop().call_later(
-            delay, lambda: self._spawn(self._teardown(term, f"no connection for {delay:g} s")))
+            delay, lambda: self._spawn(self._teardown(term, f"no connection for {delay:g} s"))
+        )
 
     async def _watch_exit(self, term: Terminal) -> None:
         code = await term.pty.wait()
@@ -286,4 +325,3 @@ class TerminalRegistry:
 async def _wait_event(event: asyncio.Event, timeout: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), timeout)
-

@@ -46,7 +46,7 @@ async def _send_output(term: Terminal, view: Attachment) -> None:
     for start in range(0, len(replay), SEND_CHUNK):
         if view.close_code is not None and not view.drain:
             return
-        await ws.send_bytes(replay[start:start + SEND_CHUNK])
+        await ws.send_bytes(replay[start : start + SEND_CHUNK])
     while True:
         if view.pending:
             chunk = bytes(view.pending[:SEND_CHUNK])
@@ -58,6 +58,7 @@ async def _send_output(term: Terminal, view: Attachment) -> None:
             return
         view.wake.clear()
         await view.wake.wait()
+
 
 async def _receive_input(term: Terminal, view: Attachment, input_stall_s: float) -> None:
     try:
@@ -82,7 +83,7 @@ async def _receive(term: Terminal, view: Attachment, input_stall_s: float) -> No
                 await term.write_input(text.encode("utf-8"), input_stall_s)
             elif control.get("type") == "resize":
                 cols, rows = control.get("cols"), control.get("rows")
-                if _is_int(cols) and _is_int(rows):
+                if isinstance(cols, int) and isinstance(rows, int) and _is_int(cols) and _is_int(rows):
                     term.pty.resize(cols, rows)
 
 
@@ -106,4 +107,3 @@ async def close_quietly(websocket: WebSocket, code: int, reason: str) -> None:
     """Close with ``code``; a peer that is already gone (or too slow to take a close frame) is not an error."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(websocket.close(code, reason[:120]), 2.0)
-

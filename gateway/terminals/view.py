@@ -34,5 +34,3 @@ class Attachment:
             self.pending.clear()
         self.closing.set()
         self.wake.set()
-
-

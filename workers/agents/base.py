@@ -144,8 +144,9 @@ class TurnHandle:
 
     def tool_call(self, call_id: str, name: str, arguments: Any, **extra: Any) -> None:
         """The agent decided to call a tool (``tool.call``); its output events carry the same ``call_id``."""
-        self._emit("tool.call", {"turn_id": self.turn_id, "call_id": call_id, "name": name,
-                                 "arguments": arguments, **extra})
+        self._emit(
+            "tool.call", {"turn_id": self.turn_id, "call_id": call_id, "name": name, "arguments": arguments, **extra}
+        )
 
     def tool_output(self, text: str, **extra: Any) -> int:
         """Tool output: scrubbed here, then sent as ``tool.output`` events of at most 64 KiB of text each,

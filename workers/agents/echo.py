@@ -15,7 +15,7 @@ _WORD = re.compile(r"\S+\s*")
 
 class EchoAgent(Agent):
     def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
-        leading = text[:len(text) - len(text.lstrip())]
+        leading = text[: len(text) - len(text.lstrip())]
         for index, match in enumerate(_WORD.finditer(text)):
             if turn.cancelled:
                 return TurnResult("interrupted")

@@ -138,8 +138,9 @@ def _fake_secret(index: int) -> FakeSecret:
         return FakeSecret("url_password", f"DATABASE_URL=postgres://app:{value}@db.internal:5432/app", value)
     if kind == 6:
         value = "\n".join(token(64, string.ascii_letters + string.digits + "+/") for _ in range(4))
-        return FakeSecret("private_key", f"-----BEGIN RSA PRIVATE KEY-----\n{value}\n-----END RSA PRIVATE KEY-----",
-                          value)
+        return FakeSecret(
+            "private_key", f"-----BEGIN RSA PRIVATE KEY-----\n{value}\n-----END RSA PRIVATE KEY-----", value
+        )
     if kind == 7:
         value = "sk-ant-api03-" + token(40)
         return FakeSecret("api_key", f"ANTHROPIC_API_KEY={value}", value)
@@ -154,7 +155,7 @@ _FILLER = _FILLER_LINE * (65 * 1024 // len(_FILLER_LINE) + 2)
 def _chunk_text(label: str, size: int, secrets: list[FakeSecret]) -> str:
     """``size`` bytes of ASCII output (more if the secrets alone exceed it)."""
     head = f"[{label}]\n" + "".join(s.text + "\n" for s in secrets)
-    return head + _FILLER[:max(0, size - len(head))]
+    return head + _FILLER[: max(0, size - len(head))]
 
 
 class LoadAgent(Agent):
@@ -163,24 +164,33 @@ class LoadAgent(Agent):
             plan = parse_plan(text)
         except LoadPromptError as exc:
             return TurnResult("error", error=str(exc))
-        turn.delta(f"load: cpu_s={plan.cpu_s:g} gil={plan.gil} output_mb={plan.output_mb:g} "
-                   f"chunk_kb={plan.chunk_kb} subagents={plan.subagents} secrets={plan.secrets}\n")
+        turn.delta(
+            f"load: cpu_s={plan.cpu_s:g} gil={plan.gil} output_mb={plan.output_mb:g} "
+            f"chunk_kb={plan.chunk_kb} subagents={plan.subagents} secrets={plan.secrets}\n"
+        )
         units = max(1, plan.subagents)
         secrets = fake_secrets(plan.secrets)
         total_bytes = int(plan.output_mb * _MIB)
         started = time.thread_time()
         for unit in range(units):
             work = _UnitWork(
-                turn=turn, plan=plan, label=f"unit {unit + 1}/{units}",
+                turn=turn,
+                plan=plan,
+                label=f"unit {unit + 1}/{units}",
                 cpu_s=plan.cpu_s / units,
                 out_bytes=total_bytes // units + (total_bytes % units if unit == units - 1 else 0),
-                secrets=secrets[unit::units])
+                secrets=secrets[unit::units],
+            )
             if plan.subagents:
                 work.subagent_id = turn.subagent_start(name=f"load-{unit + 1}", goal=work.label)
             finished = work.run()
             if plan.subagents:
-                turn.subagent_complete(work.subagent_id or "", status="ok" if finished else "interrupted",
-                                       chunks=work.chunks_sent, cpu_s=round(work.cpu_spent, 3))
+                turn.subagent_complete(
+                    work.subagent_id or "",
+                    status="ok" if finished else "interrupted",
+                    chunks=work.chunks_sent,
+                    cpu_s=round(work.cpu_spent, 3),
+                )
             if not finished:
                 return TurnResult("interrupted")
         turn.delta(f"load done in {time.thread_time() - started:.2f} s of CPU\n")
@@ -190,8 +200,9 @@ class LoadAgent(Agent):
 class _UnitWork:
     """The share of one subagent (or of the whole turn): CPU slices and output chunks interleaved."""
 
-    def __init__(self, *, turn: TurnHandle, plan: LoadPlan, label: str, cpu_s: float, out_bytes: int,
-                 secrets: list[FakeSecret]) -> None:
+    def __init__(
+        self, *, turn: TurnHandle, plan: LoadPlan, label: str, cpu_s: float, out_bytes: int, secrets: list[FakeSecret]
+    ) -> None:
         self.turn = turn
         self.label = label
         self.subagent_id: str | None = None
@@ -235,8 +246,9 @@ class _UnitWork:
     def _report_progress(self, fraction: float) -> None:
         if self.subagent_id is None or fraction < self._next_progress:
             return
-        self.turn.subagent_progress(self.subagent_id, progress=round(fraction, 3),
-                                    chunks=self.chunks_sent, cpu_s=round(self.cpu_spent, 3))
+        self.turn.subagent_progress(
+            self.subagent_id, progress=round(fraction, 3), chunks=self.chunks_sent, cpu_s=round(self.cpu_spent, 3)
+        )
         while self._next_progress <= fraction:
             self._next_progress += 0.25
 
@@ -269,10 +281,10 @@ def _regex_aim(budget_left_s: float) -> float:
 # cost of one path on this machine, which drifts ~1.7x with load) is measured, on every call.
 _BACKTRACK = re.compile(r"(?:a|aaaa)+$")
 _MAX_N = 90
-_TAIL_S = 0.01          # below this, aim at all that is left (halving further only adds calls)
-_CALIBRATE_S = 0.001    # the first calls grow until one takes this long, to measure k
-_RAMP_CHARS = 3         # never go more than 3 characters (~2.6x paths) past the largest size measured
-_K_WINDOW = 4           # k is the largest of the last 4 measurements: errs towards shorter calls
+_TAIL_S = 0.01  # below this, aim at all that is left (halving further only adds calls)
+_CALIBRATE_S = 0.001  # the first calls grow until one takes this long, to measure k
+_RAMP_CHARS = 3  # never go more than 3 characters (~2.6x paths) past the largest size measured
+_K_WINDOW = 4  # k is the largest of the last 4 measurements: errs towards shorter calls
 
 
 def backtrack_paths(n: int) -> int:
@@ -308,7 +320,7 @@ class BacktrackSizer:
         """Record one call's CPU time; calls too short to time reliably only move the ramp."""
         self._largest_measured = max(self._largest_measured, n)
         if seconds >= _CALIBRATE_S:
-            self._ks = (self._ks + [seconds / _PATHS[n]])[-_K_WINDOW:]
+            self._ks = ([*self._ks, seconds / _PATHS[n]])[-_K_WINDOW:]
 
     def size_for(self, aim_s: float) -> int:
         """The largest size predicted to cost at most ``aim_s`` (at least 1, at most the ramp)."""

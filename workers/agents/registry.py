@@ -63,8 +63,9 @@ def load_factory(name: str) -> Callable[..., Any]:
     try:
         return found[0].load()
     except Exception as exc:
-        raise AgentLoadError(f"agent {name!r} (entry point {found[0].value}) failed to load: "
-                             f"{type(exc).__name__}: {exc}") from exc
+        raise AgentLoadError(
+            f"agent {name!r} (entry point {found[0].value}) failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _load_spec(spec: str, name: str) -> Callable[..., Any]:
@@ -82,8 +83,9 @@ def _load_spec(spec: str, name: str) -> Callable[..., Any]:
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise UnknownAgent(f"unknown agent {name!r}: module {module_name!r} has no attribute "
-                               f"{attr_path!r}") from None
+            raise UnknownAgent(
+                f"unknown agent {name!r}: module {module_name!r} has no attribute {attr_path!r}"
+            ) from None
     if not callable(target):
         raise UnknownAgent(f"unknown agent {name!r}: {spec} is not callable")
     return target
@@ -91,5 +93,4 @@ def _load_spec(spec: str, name: str) -> Callable[..., Any]:
 
 def _unknown_message(name: str, entry_points: list[str]) -> str:
     known = ", ".join(sorted(BUILTIN_AGENTS) + entry_points)
-    return (f"unknown agent {name!r}: use a built-in or installed agent ({known}) "
-            f"or a 'package.module:attr' path")
+    return f"unknown agent {name!r}: use a built-in or installed agent ({known}) or a 'package.module:attr' path"

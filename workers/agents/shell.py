@@ -50,15 +50,28 @@ class CommandOutcome:
     truncated: bool = False  #: the output passed ``output_cap_bytes``: the command was stopped there
 
 
-def run_command(command: str, cwd: str, turn: TurnHandle, sink: Callable[[str], object], *,
-                env: Mapping[str, str] | None = None, timeout_s: float | None = None,
-                output_cap_bytes: int | None = None) -> CommandOutcome:
+def run_command(
+    command: str,
+    cwd: str,
+    turn: TurnHandle,
+    sink: Callable[[str], object],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+    output_cap_bytes: int | None = None,
+) -> CommandOutcome:
     """Run ``command`` with ``/bin/sh -c`` in ``cwd`` and this worker's process group, handing its output
     to ``sink`` as text cut at safe points for the scrubber.  Cancellation, the timeout and the output cap
     each stop the command and everything it started."""
     proc = subprocess.Popen(
-        ["/bin/sh", "-c", command], cwd=cwd, stdin=subprocess.DEVNULL, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, close_fds=True)
+        ["/bin/sh", "-c", command],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        close_fds=True,
+    )
     assert proc.stdout is not None
     stream = _OutputStream(sink, output_cap_bytes)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -68,8 +81,9 @@ def run_command(command: str, cwd: str, turn: TurnHandle, sink: Callable[[str], 
         proc.stdout.close()
     stream.finish()
     code = proc.wait()
-    return CommandOutcome(code, interrupted=ended == "cancelled", timed_out=ended == "timeout",
-                          truncated=stream.truncated)
+    return CommandOutcome(
+        code, interrupted=ended == "cancelled", timed_out=ended == "timeout", truncated=stream.truncated
+    )
 
 
 def _pump(proc: subprocess.Popen[bytes], stream: _OutputStream, turn: TurnHandle, deadline: float | None) -> str:
@@ -79,8 +93,15 @@ def _pump(proc: subprocess.Popen[bytes], stream: _OutputStream, turn: TurnHandle
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     while True:
-        stop = "cancelled" if turn.cancelled else "cap" if stream.truncated else \
-            "timeout" if deadline is not None and time.monotonic() >= deadline else None
+        stop = (
+            "cancelled"
+            if turn.cancelled
+            else "cap"
+            if stream.truncated
+            else "timeout"
+            if deadline is not None and time.monotonic() >= deadline
+            else None
+        )
         if stop is not None:
             _kill_tree(proc)
             return stop
@@ -109,7 +130,7 @@ class _OutputStream:
         if self.truncated:
             return
         if self._cap is not None and self._taken + len(data) > self._cap:
-            data = data[:self._cap - self._taken]
+            data = data[: self._cap - self._taken]
             self.truncated = True
         self._taken += len(data)
         ready = self._buffer.feed(self._decoder.decode(data))

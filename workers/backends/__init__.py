@@ -50,8 +50,14 @@ class WorkerBackend(Protocol):
 
     async def start(self) -> None: ...
 
-    async def acquire(self, agent: str, options: dict[str, Any], cwd: str | None, session_id: str | None = None,
-                      state: bytes | None = None) -> Worker:
+    async def acquire(
+        self,
+        agent: str,
+        options: dict[str, Any],
+        cwd: str | None,
+        session_id: str | None = None,
+        state: bytes | None = None,
+    ) -> Worker:
         """A worker ready to take a prompt, with the agent's saved ``state`` restored when given.
         Raises :class:`UnknownAgentError` (4004) or :class:`WorkerStartError` (5001)."""
         ...

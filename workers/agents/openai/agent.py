@@ -21,8 +21,7 @@ from workers.agents.openai.history import Message, trim_history, valid_history
 from workers.agents.openai.settings import ENV_API_KEY, Settings, from_environment
 from workers.agents.openai.stream import DONE, ProviderError, make_client, stream_chunks
 from workers.agents.openai.tool_calls import ToolCall, ToolCallAccumulator
-from workers.agents.openai.tools import (
-    MAX_PARALLEL_DELEGATES, SUBAGENT_SYSTEM, run_shell_tool, tool_specs)
+from workers.agents.openai.tools import MAX_PARALLEL_DELEGATES, SUBAGENT_SYSTEM, run_shell_tool, tool_specs
 
 SNAPSHOT_VERSION = 1
 _INTERRUPTED_RESULT = "[not run: the turn was interrupted]"
@@ -39,10 +38,11 @@ class OpenAIAgent(Agent):
         self._tool_env = {k: v for k, v in os.environ.items() if k not in ENV_API_KEY}
 
     def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
-        messages = self.history + [{"role": "user", "content": text}]
+        messages = [*self.history, {"role": "user", "content": text}]
         usage = _Usage()
-        conversation = _Conversation(self, turn, _ParentView(turn), self.settings.tools, self.settings.system, usage,
-                                     self.settings.tool_choice)
+        conversation = _Conversation(
+            self, turn, _ParentView(turn), self.settings.tools, self.settings.system, usage, self.settings.tool_choice
+        )
         try:
             outcome = conversation.run(messages)
         finally:
@@ -50,7 +50,7 @@ class OpenAIAgent(Agent):
         extra: dict[str, Any] = {"usage": usage.totals(), "finish_reason": outcome.finish_reason}
         if outcome.provider_status is not None:
             extra["provider_status"] = outcome.provider_status
-        return TurnResult(outcome.status, error=outcome.error, extra=extra)
+        return TurnResult(outcome.status, error=outcome.error, extra=extra)  # type: ignore[arg-type]
 
     def snapshot(self) -> Any:
         return {"version": SNAPSHOT_VERSION, "history": self.history}
@@ -118,9 +118,10 @@ class _SubagentView(_ParentView):
     def __init__(self, turn: TurnHandle, subagent_id: str) -> None:
         super().__init__(turn)
         self.subagent_id = subagent_id
+        self._id = subagent_id
 
     def content(self, text: str) -> None:
-        self.turn.subagent_progress(self.subagent_id, text=text)
+        self.turn.subagent_progress(self._id, text=text)
 
     def reasoning(self, text: str) -> None:
         self.turn.reasoning(text, subagent_id=self.subagent_id)
@@ -146,8 +147,16 @@ class _Round:
 
 
 class _Conversation:
-    def __init__(self, agent: OpenAIAgent, turn: TurnHandle, view: _ParentView, tools: tuple[str, ...],
-                 system: str | None, usage: _Usage, tool_choice: Any = None) -> None:
+    def __init__(
+        self,
+        agent: OpenAIAgent,
+        turn: TurnHandle,
+        view: _ParentView,
+        tools: tuple[str, ...],
+        system: str | None,
+        usage: _Usage,
+        tool_choice: Any = None,
+    ) -> None:
         self._agent = agent
         self._settings = agent.settings
         self._turn = turn
@@ -182,10 +191,15 @@ class _Conversation:
                 return _Outcome("ok", current.text(), current.finish_reason)
             if rounds >= self._settings.max_tool_rounds:
                 limit = self._settings.max_tool_rounds
-                _answer_all(messages, calls, [f"[not run: the limit of {limit} tool rounds per turn was reached]"]
-                            * len(calls))
-                return _Outcome("error", current.text(), current.finish_reason,
-                                f"stopped after {limit} tool rounds (option max_tool_rounds)")
+                _answer_all(
+                    messages, calls, [f"[not run: the limit of {limit} tool rounds per turn was reached]"] * len(calls)
+                )
+                return _Outcome(
+                    "error",
+                    current.text(),
+                    current.finish_reason,
+                    f"stopped after {limit} tool rounds (option max_tool_rounds)",
+                )
             rounds += 1
             _answer_all(messages, calls, self._run_tools(calls))
             if self._turn.cancelled:
@@ -194,8 +208,12 @@ class _Conversation:
     def _request(self, messages: list[Message]) -> dict[str, Any]:
         settings = self._settings
         system = [{"role": "system", "content": self._system}] if self._system else []
-        body: dict[str, Any] = {"model": settings.model, "messages": system + messages, "stream": True,
-                                "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {
+            "model": settings.model,
+            "messages": system + messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if settings.temperature is not None:
             body["temperature"] = settings.temperature
         if settings.max_tokens is not None:
@@ -217,7 +235,8 @@ class _Conversation:
             for choice in choices if isinstance(choices, list) else ():
                 if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                     continue
-                delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+                raw_delta = choice.get("delta")
+                delta: dict[str, Any] = raw_delta if isinstance(raw_delta, dict) else {}
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if isinstance(reasoning, str) and reasoning:
                     self._view.reasoning(reasoning)
@@ -267,10 +286,15 @@ class _Conversation:
         settings = self._settings
         try:
             return run_shell_tool(
-                command, cwd=self._agent.cwd, turn=self._turn,
-                emit_output=lambda text: self._view.tool_output(call.call_id, text), env=self._agent._tool_env,
-                secrets=settings.secrets(), timeout_s=settings.tool_timeout_s,
-                output_chars=settings.tool_output_chars)
+                command,
+                cwd=self._agent.cwd,
+                turn=self._turn,
+                emit_output=lambda text: self._view.tool_output(call.call_id, text),
+                env=self._agent._tool_env,
+                secrets=settings.secrets(),
+                timeout_s=settings.tool_timeout_s,
+                output_chars=settings.tool_output_chars,
+            )
         except OSError as exc:  # e.g. the session's cwd is gone: the model gets the reason, the turn goes on
             return f"error: the command could not be started: {exc}"
 
@@ -284,8 +308,14 @@ class _Conversation:
             if self._turn.cancelled:
                 return _INTERRUPTED_RESULT
             subagent_id = self._turn.subagent_start(task=task, call_id=call.call_id)
-            child = _Conversation(self._agent, self._turn, _SubagentView(self._turn, subagent_id),
-                                  tuple(t for t in self._tools if t != "delegate"), SUBAGENT_SYSTEM, self._usage)
+            child = _Conversation(
+                self._agent,
+                self._turn,
+                _SubagentView(self._turn, subagent_id),
+                tuple(t for t in self._tools if t != "delegate"),
+                SUBAGENT_SYSTEM,
+                self._usage,
+            )
             try:
                 outcome = child.run([{"role": "user", "content": prompt}])
             except Exception as exc:  # a subagent's failure is the parent's tool result, not its crash
@@ -310,5 +340,5 @@ def _keep_partial(messages: list[Message], current: _Round) -> None:
 
 
 def _answer_all(messages: list[Message], calls: list[ToolCall], results: list[str]) -> None:
-    for call, result in zip(calls, results):
+    for call, result in zip(calls, results, strict=False):
         messages.append({"role": "tool", "tool_call_id": call.call_id, "content": result})

@@ -20,15 +20,16 @@ class RetryPolicy:
     base_delay_s: float = 0.5
     max_delay_s: float = 30.0
 
-    def delay(self, attempt: int, status: int | None, retry_after: str | None = None,
-              now: float | None = None) -> float | None:
+    def delay(
+        self, attempt: int, status: int | None, retry_after: str | None = None, now: float | None = None
+    ) -> float | None:
         """Seconds to wait before retry number ``attempt + 1`` (``attempt`` counts failures so far, from
         0), or None to give up.  ``status`` None means the connection failed."""
         if attempt >= self.max_retries:
             return None
         if status is not None and status not in RETRIED_STATUSES:
             return None
-        backoff = min(self.max_delay_s, self.base_delay_s * (2 ** attempt))
+        backoff = min(self.max_delay_s, self.base_delay_s * (2**attempt))
         asked = parse_retry_after(retry_after, now)
         return backoff if asked is None else min(self.max_delay_s, max(asked, 0.0))
 

@@ -65,8 +65,11 @@ class Settings:
 
 def from_environment(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
-    base = Settings(base_url=_first(env, ENV_BASE_URL) or DEFAULT_BASE_URL, api_key=_first(env, ENV_API_KEY),
-                    model=_first(env, ENV_MODEL) or DEFAULT_MODEL)
+    base = Settings(
+        base_url=_first(env, ENV_BASE_URL) or DEFAULT_BASE_URL,
+        api_key=_first(env, ENV_API_KEY),
+        model=_first(env, ENV_MODEL) or DEFAULT_MODEL,
+    )
     return apply_options(base, options)
 
 
@@ -92,8 +95,9 @@ def apply_options(base: Settings, options: Mapping[str, Any]) -> Settings:
 
 def _url(name: str, value: Any) -> str:
     if not isinstance(value, str) or urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc:
-        raise OptionError(f"option {name!r} must be an http(s) URL such as http://127.0.0.1:8080/v1, "
-                          f"got {_show(value)}")
+        raise OptionError(
+            f"option {name!r} must be an http(s) URL such as http://127.0.0.1:8080/v1, got {_show(value)}"
+        )
     return value
 
 
@@ -105,10 +109,15 @@ def _text(name: str, value: Any) -> str:
 
 def _number(low: float, high: float):
     def parse(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or not low <= value <= high:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
             raise OptionError(f"option {name!r} must be a number from {low:g} to {high:g}, got {_show(value)}")
         return float(value)
+
     return parse
 
 
@@ -117,13 +126,15 @@ def _integer(low: int, high: int):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise OptionError(f"option {name!r} must be an integer from {low} to {high}, got {_show(value)}")
         return value
+
     return parse
 
 
 def _tools(name: str, value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise OptionError(f"option {name!r} must be a list of tool names ({', '.join(KNOWN_TOOLS)}), "
-                          f"got {_show(value)}")
+        raise OptionError(
+            f"option {name!r} must be a list of tool names ({', '.join(KNOWN_TOOLS)}), got {_show(value)}"
+        )
     for tool in value:
         if tool not in KNOWN_TOOLS:
             raise OptionError(f"option {name!r}: unknown tool {tool!r} (known: {', '.join(KNOWN_TOOLS)})")
@@ -131,8 +142,9 @@ def _tools(name: str, value: Any) -> tuple[str, ...]:
 
 
 def _headers(name: str, value: Any) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
-                                              for k, v in value.items()):
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
+    ):
         # never show the value: header values are secrets
         raise OptionError(f"option {name!r} must be an object mapping header names to string values")
     for key, header_value in value.items():
@@ -145,11 +157,17 @@ def _tool_choice(name: str, value: Any) -> str | dict[str, Any]:
     if value in ("auto", "none", "required"):
         return value
     function = value.get("function") if isinstance(value, dict) else None
-    if isinstance(value, dict) and value.get("type") == "function" and isinstance(function, dict) \
-            and function.get("name") in KNOWN_TOOLS:
+    if (
+        isinstance(value, dict)
+        and value.get("type") == "function"
+        and isinstance(function, dict)
+        and function.get("name") in KNOWN_TOOLS
+    ):
         return {"type": "function", "function": {"name": function["name"]}}
-    raise OptionError(f"option {name!r} must be 'auto', 'none', 'required' or "
-                      f"{{'type': 'function', 'function': {{'name': <a tool>}}}}, got {_show(value)}")
+    raise OptionError(
+        f"option {name!r} must be 'auto', 'none', 'required' or "
+        f"{{'type': 'function', 'function': {{'name': <a tool>}}}}, got {_show(value)}"
+    )
 
 
 def _show(value: Any) -> str:

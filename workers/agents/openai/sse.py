@@ -29,7 +29,7 @@ class SSEDecoder:
             if cr != -1 and (lf == -1 or cr < lf):
                 if cr + 1 == len(buffer):
                     break  # a lone \r at the end may be the first half of \r\n: wait for the next byte
-                end, next_start = cr, cr + (2 if buffer[cr + 1:cr + 2] == b"\n" else 1)
+                end, next_start = cr, cr + (2 if buffer[cr + 1 : cr + 2] == b"\n" else 1)
             else:
                 end, next_start = lf, lf + 1
             self._line(buffer[start:end], events)

@@ -37,13 +37,15 @@ class ProviderError(Exception):
 
 
 def make_client(settings: Settings) -> httpx.Client:
-    timeout = httpx.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s, write=30.0,
-                            pool=settings.connect_timeout_s)
+    timeout = httpx.Timeout(
+        connect=settings.connect_timeout_s, read=settings.read_timeout_s, write=30.0, pool=settings.connect_timeout_s
+    )
     return httpx.Client(timeout=timeout, limits=httpx.Limits(max_keepalive_connections=0))
 
 
-def stream_chunks(client: httpx.Client, settings: Settings, body: dict[str, Any],
-                  turn: TurnHandle) -> Iterator[dict[str, Any]]:
+def stream_chunks(
+    client: httpx.Client, settings: Settings, body: dict[str, Any], turn: TurnHandle
+) -> Iterator[dict[str, Any]]:
     """Yield each parsed chunk of the stream, then :data:`DONE` if the stream sent ``[DONE]``.
 
     Raises :class:`TurnCancelled` when the turn is cancelled (at once, even in a stalled read) and
@@ -55,8 +57,13 @@ def stream_chunks(client: httpx.Client, settings: Settings, body: dict[str, Any]
         turn.check_cancelled()
         hooks = _SocketHooks(turn)
         try:
-            with client.stream("POST", settings.chat_url, json=body, headers=settings.request_headers(),
-                               extensions={"trace": hooks.trace}) as response:
+            with client.stream(
+                "POST",
+                settings.chat_url,
+                json=body,
+                headers=settings.request_headers(),
+                extensions={"trace": hooks.trace},
+            ) as response:
                 if response.status_code // 100 == 2:
                     yield from _chunks(response)
                     # A shut-down socket can also read as a clean end of a close-delimited body.

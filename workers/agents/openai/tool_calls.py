@@ -32,8 +32,7 @@ class ToolCall:
         return value
 
     def as_message_entry(self) -> dict[str, Any]:
-        return {"id": self.call_id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        return {"id": self.call_id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 class ToolCallAccumulator:
@@ -68,5 +67,7 @@ class ToolCallAccumulator:
     def calls(self, id_prefix: str = "call") -> list[ToolCall]:
         """The calls in index order; a call the server sent without an id gets one (the history needs
         an id to pair the tool result with its call)."""
-        return [ToolCall(index, call["id"] or f"{id_prefix}_{index}", call["name"], "".join(call["arguments"]))
-                for index, call in sorted(self._calls.items())]
+        return [
+            ToolCall(index, call["id"] or f"{id_prefix}_{index}", call["name"], "".join(call["arguments"]))
+            for index, call in sorted(self._calls.items())
+        ]

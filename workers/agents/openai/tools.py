@@ -16,27 +16,35 @@ from workers.agents.base import TurnHandle
 from workers.agents.shell import run_command
 from workers.scrub import REDACTED
 
-SUBAGENT_SYSTEM = ("You are a subagent doing one task for another assistant, with a fresh conversation. "
-                   "Use the tools you have when they help, then answer with a short, self-contained "
-                   "summary of the result: it is all the other assistant will see.")
+SUBAGENT_SYSTEM = (
+    "You are a subagent doing one task for another assistant, with a fresh conversation. "
+    "Use the tools you have when they help, then answer with a short, self-contained "
+    "summary of the result: it is all the other assistant will see."
+)
 MAX_PARALLEL_DELEGATES = 3
 
 _SPECS: dict[str, dict[str, Any]] = {
     "shell": {
         "description": "Run a command with /bin/sh -c in the session's working directory. Returns its "
-                       "output (stdout and stderr merged, secrets redacted) and its exit code.",
-        "parameters": {"type": "object", "properties": {
-            "command": {"type": "string", "description": "the shell command line to run"}},
-            "required": ["command"]},
+        "output (stdout and stderr merged, secrets redacted) and its exit code.",
+        "parameters": {
+            "type": "object",
+            "properties": {"command": {"type": "string", "description": "the shell command line to run"}},
+            "required": ["command"],
+        },
     },
     "delegate": {
         "description": "Hand a self-contained task to a subagent that starts with a fresh conversation "
-                       "and can use the shell tool; returns its summary. Several delegate calls in one "
-                       f"message run in parallel (at most {MAX_PARALLEL_DELEGATES} at once).",
-        "parameters": {"type": "object", "properties": {
-            "task": {"type": "string", "description": "what the subagent must do, with everything it needs"},
-            "context": {"type": "string", "description": "optional background for the task"}},
-            "required": ["task"]},
+        "and can use the shell tool; returns its summary. Several delegate calls in one "
+        f"message run in parallel (at most {MAX_PARALLEL_DELEGATES} at once).",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "task": {"type": "string", "description": "what the subagent must do, with everything it needs"},
+                "context": {"type": "string", "description": "optional background for the task"},
+            },
+            "required": ["task"],
+        },
     },
 }
 
@@ -52,8 +60,17 @@ def redact_literals(text: str, secrets: list[str]) -> str:
     return text
 
 
-def run_shell_tool(command: str, *, cwd: str, turn: TurnHandle, emit_output: Callable[[str], str],
-                   env: Mapping[str, str], secrets: list[str], timeout_s: float, output_chars: int) -> str:
+def run_shell_tool(
+    command: str,
+    *,
+    cwd: str,
+    turn: TurnHandle,
+    emit_output: Callable[[str], str],
+    env: Mapping[str, str],
+    secrets: list[str],
+    timeout_s: float,
+    output_chars: int,
+) -> str:
     """Run ``command``; stream its output through ``emit_output`` (which scrubs, emits and returns the
     scrubbed text); return what the model gets: the scrubbed output, capped, and how the command ended."""
     sent: list[str] = []
@@ -74,4 +91,4 @@ def run_shell_tool(command: str, *, cwd: str, turn: TurnHandle, emit_output: Cal
     if outcome.interrupted:
         notes.append("[interrupted by the user]")
     notes.append(f"[exit code {outcome.exit_code}]")
-    return (output + ("\n" if output and not output.endswith("\n") else "") + "\n".join(notes))
+    return output + ("\n" if output and not output.endswith("\n") else "") + "\n".join(notes)
