@@ -29,7 +29,7 @@ js-test:
 	@command -v node >/dev/null || { echo "node is needed for the dashboard's JavaScript tests (apt-get install nodejs)" >&2; exit 1; }
 	node --test tests/js/
 
-# Browser test dependencies (tests/test_browser.py): Playwright for Python, Debian's Chromium (Playwright's
+# Browser test dependencies (tests/e2e/test_browser.py): Playwright for Python, Debian's Chromium (Playwright's
 # own browser download is not used) and the dashboard's front-end libraries from the npm registry (xterm.js
 # and its fit addon; ansi_up for ANSI colours; marked + DOMPurify for safe Markdown), pinned by
 # package-lock.json and copied into the git-ignored gateway/static/vendor/.  `make run` needs none of this:
@@ -70,7 +70,7 @@ chromium:
 	  echo "warning: $(CHROMIUM) is missing and this is not root with apt-get: the browser test will be skipped" >&2; \
 	fi
 
-# Debian's nginx for tests/test_nginx.py (the gateway behind a real reverse proxy; each test starts its own
+# Debian's nginx for tests/e2e/test_nginx.py (the gateway behind a real reverse proxy; each test starts its own
 # nginx on loopback with a temp config). Installed like chromium: as root with apt-get, else skipped.
 NGINX ?= /usr/sbin/nginx
 
@@ -97,10 +97,10 @@ $(MODEL_STAMP): $(STAMP) pyproject.toml
 	@touch $(MODEL_STAMP)
 
 test-model: $(MODEL_STAMP)
-	WORKER_GATEWAY_TEST_MODEL=1 $(PY) -m pytest tests/test_openai_model.py -p no:cacheprovider $(PYTEST_ARGS)
+	WORKER_GATEWAY_TEST_MODEL=1 $(PY) -m pytest tests/e2e/test_openai_model.py -p no:cacheprovider $(PYTEST_ARGS)
 
 # Lint, format and types of the shipped code (tests and benchmarks are checked by running them); the import
-# contracts run inside the suite (tests/test_layers.py).
+# contracts run inside the suite (tests/unit/test_layers.py).
 LINTED := gateway workers slash_worker.py pty_bridge.py
 
 lint: setup

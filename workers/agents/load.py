@@ -24,7 +24,7 @@ A call costs at most ~1.7x its aim (the per-path cost drifts up to ~1.7x between
 machine) and usually 0.5x-1x (sizes are 1.38x apart and the estimate errs short; short calls are made up
 by more calls), so a turn spends ``cpu_s`` to ``cpu_s + 10 ms``; it
 overshoots more only if one call runs over 2x its aim, and no call can cost more than ~2.6x the largest
-call measured before it.  tests/test_load_regex_budget.py checks ``1.25 * cpu_s + 0.1 s`` over many
+call measured before it.  tests/integration/test_load_regex_budget.py checks ``1.25 * cpu_s + 0.1 s`` over many
 turns in fresh workers.
 """
 

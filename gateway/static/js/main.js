@@ -6,7 +6,7 @@
  *   options.js   the create form -> session.create (pure)         render.js     transcript rendering
  *   rich.js      Markdown / ANSI through DOMPurify (or plain)      terminal.js   xterm.js terminals
  * What this file adds on top of the protocol: sessions and terminals survive a reload (resumed from the last
- * seq rendered), and `window.wgDebug`, a small test hook used by tests/test_browser.py.
+ * seq rendered), and `window.wgDebug`, a small test hook used by tests/e2e/test_browser.py.
  */
 
 import { ErrorCode, EventType, LocalError, Method } from "./protocol.js";
@@ -839,7 +839,7 @@ async function init() {
   conn.connect();
 }
 
-// Introspection for tests/test_browser.py (and for people debugging in the console); sendRaw is its one write.
+// Introspection for tests/e2e/test_browser.py (and for people debugging in the console); sendRaw is its one write.
 window.wgDebug = {
   state: () => conn.state,
   /** Every connection state the page went through, in order (e.g. connected, reconnecting, connected). */

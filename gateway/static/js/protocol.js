@@ -1,6 +1,6 @@
 /*
  * The wire vocabulary, mirrored from gateway/wire.py so the page names things as the server does.
- * tests/test_wire_js.py parses this file and fails when the two disagree: keep one `NAME: value,` per line.
+ * tests/unit/test_wire_js.py parses this file and fails when the two disagree: keep one `NAME: value,` per line.
  */
 
 export const PROTOCOL_VERSION = 1;

@@ -22,7 +22,7 @@ from conftest import pgid_members
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASH = shutil.which("bash") or "/bin/sh"
 
 # Plays the gateway: owns a SlashRunner with a started worker and two terminals, one of them running a

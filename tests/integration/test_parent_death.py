@@ -21,7 +21,7 @@ from worker_helpers import (  # noqa: F401  (supervisor is a fixture)
 from workers.supervisor import ExitStatus, Supervisor
 
 pytestmark = pytest.mark.timeout(60)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from tests.test_browser import (  # noqa: F401  (browser, dashboard: pytest fixtures)
+from tests.e2e.test_browser import (  # noqa: F401  (browser, dashboard: pytest fixtures)
     Dashboard, _server_tool_output, browser, dashboard, open_terminal, wait_for_terminal_line,
 )
-from tests.test_browser_render import send_prompt
+from tests.e2e.test_browser_render import send_prompt
 
 pytestmark = pytest.mark.browser
 

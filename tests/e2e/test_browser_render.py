@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_browser import Dashboard, browser, dashboard  # noqa: F401  (pytest fixtures)
+from tests.e2e.test_browser import Dashboard, browser, dashboard  # noqa: F401  (pytest fixtures)
 
 pytestmark = pytest.mark.browser
 
