@@ -66,3 +66,36 @@ async def test_a_session_closed_while_its_owner_is_behind_still_delivers_its_las
                 types.append(params["type"])
         assert seqs == list(range(1, len(seqs) + 1)), "a gap or a duplicate"
         assert types[-2:] == ["worker.exited", "session.closed"], types[-4:]
+
+
+async def _closed_reason(observer: RpcClient, sid: str, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = {r["session_id"]: r for r in (await observer.call("session.list"))["sessions"]}
+        if rows.get(sid, {}).get("status") == "closed":
+            return rows[sid]["closed_reason"]
+        await asyncio.sleep(0.2)
+    return None
+
+
+async def test_a_detached_session_blocked_too_long_is_closed_as_blocked(gateway_factory) -> None:
+    """Issue 16 section 2: nobody reads, the worker waits on its pipe: not for 6 hours, for the bound."""
+    gw = gateway_factory("--no-state", "--blocked-detached-s", "2", "--grace-s", "1")
+    async with RpcClient.connect(gw.url()) as client:
+        sid = (await client.call("session.create", agent="load"))["session_id"]
+        await client.call("prompt.submit", session_id=sid, text="output_mb=200 chunk_kb=64")
+        await client.wait_event(sid, "tool.output")
+    async with RpcClient.connect(gw.url()) as observer:
+        assert await _closed_reason(observer, sid, 60) == "blocked"
+
+
+async def test_with_the_store_a_detached_turn_blocks_only_past_its_quota(gateway_factory) -> None:
+    gw = gateway_factory("--detached-quota-bytes", "1048576", "--blocked-detached-s", "2", "--grace-s", "1")
+    async with RpcClient.connect(gw.url()) as client:
+        sid = (await client.call("session.create", agent="load"))["session_id"]
+        await client.call("prompt.submit", session_id=sid, text="output_mb=200 chunk_kb=64")
+        await client.wait_event(sid, "tool.output")
+    async with RpcClient.connect(gw.url()) as observer:
+        assert await _closed_reason(observer, sid, 60) == "blocked"
+        stored = await observer.call("session.events.since", session_id=sid, after_seq=0)
+        assert stored["events"][-1]["payload"] == {"reason": "blocked"}
