@@ -68,7 +68,7 @@ async def test_dashboard_cookie_is_per_port_and_not_the_token(gateway) -> None:
     # The cookie alone authenticates the page's sockets and assets...
     async with RpcClient.connect(f"ws://127.0.0.1:{gateway.port}/ws", additional_headers={"Cookie": cookie}) as c:
         assert await c.call("gateway.ping") == {"ok": True}
-    assert get(gateway, "/static/app.js", {"Cookie": cookie}).status == 200
+    assert get(gateway, "/static/js/main.js", {"Cookie": cookie}).status == 200
     # ...but its value is not a token.
     assert get(gateway, f"/metrics?token={cookie_value(TOKEN)}").status == 403
 
@@ -91,7 +91,7 @@ async def test_root_path_serves_page_and_sockets_under_the_prefix(gateway_factor
     for path in ("/gw/ws", "/ws"):
         async with RpcClient.connect(f"ws://127.0.0.1:{gw.port}{path}?token={TOKEN}") as client:
             assert await client.call("gateway.ping") == {"ok": True}
-    assert get(gw, f"/gw/static/app.js?token={TOKEN}").status == 200
+    assert get(gw, f"/gw/static/js/main.js?token={TOKEN}").status == 200
     bare = get(gw, "/gw?x=1")
     assert bare.status == 308 and bare.getheader("Location") == "/gw/?x=1"
 

@@ -171,7 +171,7 @@ async def test_dashboard_and_ws_work_through_nginx_under_a_prefix(behind_nginx) 
     set_cookie = page.getheader("Set-Cookie")
     assert set_cookie.startswith(cookie_name(gw.port) + "=") and "Path=/gw/" in set_cookie
     cookie = set_cookie.split(";")[0]
-    assert nginx.get("/gw/static/app.js", {"Cookie": cookie}).status == 200
+    assert nginx.get("/gw/static/js/main.js", {"Cookie": cookie}).status == 200
     assert nginx.get("/gw/static/style.css", {"Cookie": cookie}).status == 200
     # The page's socket: its own Origin, the cookie, through nginx.  The default keepalive for this
     # proxied connection is 20 s / 20 s (nginx adds X-Forwarded-For), read from gateway.ready.
