@@ -11,10 +11,12 @@ process: ``stop()`` (or ``with``) ends it, and it only ever signals the pid it s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,10 +72,28 @@ def gateway_command(
     """
     command = [python, "-m", "gateway", "serve", "--port", "0", *defaults]
     if not any(a.startswith(("--state-dir", "--no-state")) for a in (*defaults, *args)):
-        command.append("--state-dir=" + tempfile.mkdtemp(prefix="wg-state-"))
+        command.append("--state-dir=" + _temporary_state_dir())
     if token:
         command.append(f"--token={token}")
     return command + list(args)
+
+
+_STATE_DIRS: list[str] = []
+
+
+def _temporary_state_dir() -> str:
+    """A fresh state dir for one spawned gateway, removed when this process exits (tests and benchmarks
+    start hundreds; some write gigabytes)."""
+    if not _STATE_DIRS:
+        atexit.register(_remove_state_dirs)
+    path = tempfile.mkdtemp(prefix="wg-state-")
+    _STATE_DIRS.append(path)
+    return path
+
+
+def _remove_state_dirs() -> None:
+    while _STATE_DIRS:
+        shutil.rmtree(_STATE_DIRS.pop(), ignore_errors=True)
 
 
 class ReadyLineProcess:
