@@ -121,6 +121,14 @@ KNOBS: tuple[Knob, ...] = (
          "seconds a new connection may take to send its request head (slow or silent ones are closed)", 0.1, 600),
     Knob("max_pending_connections", int, 64,
          "connections whose request head is not complete yet (beyond: the newest are closed at once)", 1, 100000),
+    # --- ray backend (docs/scaling.md) ---
+    Knob("backend", str, "local", "where agent workers run: local (forkserver pool on this machine) or ray "
+         "(host actors on a Ray cluster; needs the ray extra)", choices=("local", "ray")),
+    Knob("ray_address", str, None, "Ray GCS address host:port to join as a driver, or 'local' for a private "
+         "cluster owned by the gateway (never 'auto', never ray://)", optional=True),
+    Knob("ray_sessions_per_node", int, 32, "sessions one Ray node takes at most (admission control)", 1, 100000),
+    Knob("ray_placement_timeout_s", float, 10.0, "seconds session.create waits for a Ray node with room "
+         "before failing with 5001", 0.1, 600),
 )
 
 _KNOBS_BY_NAME = {k.name: k for k in KNOBS}
@@ -270,6 +278,11 @@ class Config:
     root_path: str = ""
     handshake_timeout_s: float = 10.0
     max_pending_connections: int = 64
+    # --- ray backend ---
+    backend: str = "local"
+    ray_address: str | None = None
+    ray_sessions_per_node: int = 32
+    ray_placement_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.ping_explicit:

@@ -27,6 +27,7 @@ from gateway.config import Config, ConfigError
 from gateway import procfs, wire
 from gateway.loops import select_loop_factory
 from gateway.store.errors import StoreError
+from workers.backends.ray_errors import BackendUnavailable
 from gateway.rootpath import RootPathMiddleware
 from gateway.httpproto import protocol_class as http_protocol_class
 from gateway.wsproto import protocol_class
@@ -184,11 +185,19 @@ class GatewayServer(uvicorn.Server):
             self.startup_error = exc.message
             return
         try:
+            await self.state.open_backend()
+        except BackendUnavailable as exc:
+            self.startup_error = exc.message
+            await self.state.close_store()
+            return
+        try:
             with self.capture_signals():
                 await self._serve(sockets)
                 # A signal was a request for a graceful stop, which is done: exit 0 rather than re-raising it.
                 self._captured_signals.clear()
         finally:
+            if self.state.backend is not None and not self.state.shutting_down:
+                await self.state.backend.close()  # the lifespan never ran its shutdown
             await self.state.close_store()
 
 

@@ -323,6 +323,7 @@ class SessionRegistry:
                                {"session_id": session.id})
         self.metrics.worker_start.observe(time.monotonic() - started)
         return {"session_id": session.id, "agent": session.agent, "worker_pid": worker.pid,
+                **({"node": worker.node} if getattr(worker, "node", None) else {}),  # Ray backend: where it runs
                 "created_at": session.created_at}
 
     async def _start_worker(self, session: Session) -> None:

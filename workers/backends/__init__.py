@@ -60,10 +60,22 @@ class WorkerBackend(Protocol):
 
 
 def create_backend(config: Any) -> WorkerBackend:
-    """The backend ``config.backend`` names (default: the local forkserver pool)."""
+    """The backend ``config.backend`` names (default: the local forkserver pool).  Ray is imported only
+    here, only for ``ray``; a missing extra raises
+    :class:`~workers.backends.ray_errors.BackendUnavailable` (the gateway exits 2 with its message), as
+    does the Ray backend's ``start()`` when the cluster cannot be reached."""
     name = getattr(config, "backend", "local")
     if name == "local":
         from workers.supervisor import Supervisor
 
         return Supervisor.from_config(config)
+    if name == "ray":
+        from workers.backends.ray_errors import BackendUnavailable
+
+        try:
+            from workers.backends.ray_backend import RayBackend
+        except ImportError as exc:
+            raise BackendUnavailable(f"--backend ray needs the ray extra: pip install 'worker-gateway[ray]' "
+                                     f"({exc})") from None
+        return RayBackend.from_config(config)
     raise ValueError(f"unknown worker backend {name!r}")
