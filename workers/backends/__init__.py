@@ -70,8 +70,10 @@ def create_backend(config: Any) -> WorkerBackend:
 
         return Supervisor.from_config(config)
     if name == "ray":
+        from workers.backends.ray_env import prepare_ray_environment
         from workers.backends.ray_errors import BackendUnavailable
 
+        prepare_ray_environment(getattr(config, "ray_address", None))  # read by Ray at import
         try:
             from workers.backends.ray_backend import RayBackend
         except ImportError as exc:

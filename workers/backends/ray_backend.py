@@ -30,6 +30,7 @@ from ray.exceptions import RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.agents import registry
+from workers.backends.ray_env import is_loopback, prepare_ray_environment
 from workers.backends.ray_errors import BackendUnavailable
 from workers.backends.ray_host import WorkerHost, pid_space
 from workers.backends.ray_placement import HostLoad, HostState, choose_node, no_room_message
@@ -305,8 +306,7 @@ class RayBackend:
     # -- cluster connection -----------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        # Token auth is the default of recent local clusters: say what we want instead of inheriting it.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        prepare_ray_environment(self.address)  # already done before Ray's import by create_backend
         common: dict[str, Any] = {"namespace": "worker-gateway", "log_to_driver": False,
                                   "include_dashboard": False, "configure_logging": False}
         if not self.address:
@@ -323,6 +323,7 @@ class RayBackend:
             before = {p.pid for p in psutil.Process().children(recursive=True)}
             try:
                 ray.init(address="local", _temp_dir=self._temp_dir, num_cpus=os.cpu_count() or 1,
+                         _node_ip_address="127.0.0.1",  # a private cluster listens on loopback only
                          object_store_memory=_LOCAL_OBJECT_STORE_BYTES, **common)
             except Exception as exc:  # noqa: BLE001 - any failure is a start-up error with one line
                 self._end_owned_cluster()
@@ -336,6 +337,8 @@ class RayBackend:
         except (OSError, ValueError) as exc:
             raise BackendUnavailable(f"the Ray cluster at {self.address} is unreachable: {_one_line(exc)}") from None
         try:
+            if is_loopback(host):  # a cluster on loopback: this driver's node is the loopback one too
+                common["_node_ip_address"] = host
             ray.init(address=self.address, **{k: v for k, v in common.items() if k != "include_dashboard"})
         except Exception as exc:  # noqa: BLE001
             raise BackendUnavailable(f"could not join the Ray cluster at {self.address}: {_one_line(exc)}") from None
