@@ -22,6 +22,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psutil
+
 from workers.channel import ChannelError, encode_frame
 from workers.supervisor import Supervisor, UnknownAgentError, WorkerHandle, WorkerStartError
 
@@ -120,17 +122,19 @@ class WorkerHost:
 
     async def _watch_driver(self) -> None:
         same_pids = bool(self._driver_pid_space) and self._driver_pid_space == pid_space()
+        created = _start_time(self._driver_pid) if same_pids else None
         while True:
             await asyncio.sleep(_WATCH_PERIOD_S)
-            gone = same_pids and not _alive(self._driver_pid)
+            gone = same_pids and not _alive(self._driver_pid, created)
             silent = time.monotonic() - self._last_ping > self._orphan_timeout_s
             if gone or silent:
-                logger.warning("gateway %s: ending this host's workers",
+                # No graceful stop: nobody is left to read what a worker would still say.  SIGKILL every
+                # handed-out group now; pooled workers and the forkserver see this process exit.
+                logger.warning("gateway %s: killing this host's workers",
                                "process is gone" if gone else f"silent for {self._orphan_timeout_s:g} s")
-                try:
-                    await asyncio.wait_for(self.close(), 5.0)
-                finally:
-                    os._exit(0)
+                for handle in list(self._workers.values()):
+                    handle.kill()
+                os._exit(0)
 
 
 def pid_space() -> str:
@@ -144,11 +148,20 @@ def pid_space() -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, created: float | None) -> bool:
+    """The driver still runs: same pid, same start time (not a recycled pid), not a zombie (a killed
+    gateway whose parent has not reaped it yet is gone for our purpose)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and (created is None or proc.create_time() == created)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.Error:
         return True
-    return True
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
