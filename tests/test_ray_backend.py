@@ -10,6 +10,8 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ import psutil
 import pytest
 
 from conftest import GatewayProcess, RpcClient, async_wait_for, pgid_members
+from workers.backends.ray_env import prepare_ray_environment
 from workers.backends.ray_placement import HostLoad, HostState, choose_node, no_room_message
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install -e '.[ray]')")
@@ -50,12 +53,33 @@ def test_placement_refuses_full_nodes_and_says_why() -> None:
     assert "none ready" in no_room_message([_load("a", 0, HostState.STARTING)], 2, 1.0)
 
 
+def test_ray_environment_is_explicit_and_keeps_loopback_clusters_on_loopback() -> None:
+    env: dict[str, str] = {}
+    prepare_ray_environment("10.0.0.5:6379", env)
+    assert env == {"RAY_AUTH_MODE": "disabled"}
+    env = {"RAY_AUTH_MODE": "token"}  # the operator's choice wins
+    prepare_ray_environment("127.0.0.1:6379", env)
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {}
+    prepare_ray_environment("local", env)
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
+def test_the_local_backend_imports_nothing_of_ray() -> None:
+    code = ("import sys, gateway.server, gateway.app; from gateway.config import Config; "
+            "from workers.backends import create_backend; create_backend(Config()); "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 # -- start-up errors: one line, exit 2, nothing of Ray started -------------------------------------------
 
 @pytest.mark.parametrize("address, reason", [("127.0.0.1:1", "unreachable"), ("auto", "refused"),
-                                             ("ray://127.0.0.1:10001", "not supported")])
-def test_a_cluster_that_cannot_be_used_is_a_one_line_error(address: str, reason: str) -> None:
-    gw = GatewayProcess("--backend", "ray", "--ray-address", address)
+                                             ("ray://127.0.0.1:10001", "not supported"),
+                                             (None, "needs --ray-address")])
+def test_a_cluster_that_cannot_be_used_is_a_one_line_error(address: str | None, reason: str) -> None:
+    gw = GatewayProcess("--backend", "ray", *(("--ray-address", address) if address else ()))
     with pytest.raises(Exception) as info:
         gw.start(timeout=60)
     gw.stop()
