@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -76,6 +77,7 @@ async def _death_cleanup(gateway: ServerProcess) -> float:
         await client.submit(created["session_id"], "cpu_s=60")
     await asyncio.sleep(0)  # the prompts were accepted; the turns run on their own from here
     owned = descendants(gateway.pid)
+    temp_dirs = _private_cluster_dirs(owned)
     os.kill(gateway.pid, signal.SIGKILL)
     began = time.perf_counter()
     deadline = began + 30.0
@@ -92,7 +94,22 @@ async def _death_cleanup(gateway: ServerProcess) -> float:
     for proc in alive:  # never leave this benchmark's processes behind
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    psutil.wait_procs(alive, timeout=5.0)
+    for path in temp_dirs:  # a killed gateway could not remove its private cluster's directory
+        shutil.rmtree(path, ignore_errors=True)
     return elapsed
+
+
+def _private_cluster_dirs(procs: list[psutil.Process]) -> set[str]:
+    """The temporary directories (``/tmp/wg-ray-*``) of the private cluster these processes belong to."""
+    found = set()
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            for arg in proc.cmdline():
+                _, sep, rest = arg.partition("/tmp/wg-ray-")
+                if sep:
+                    found.add("/tmp/wg-ray-" + rest.split("/")[0])
+    return found
 
 
 async def run(opts: Options) -> Section:
