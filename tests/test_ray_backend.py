@@ -7,6 +7,7 @@ Skipped (with the reason) only when the ``ray`` extra is not installed; ``make s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
+import websockets
 
 from conftest import GatewayProcess, RpcClient, async_wait_for, pgid_members
 from workers.backends.ray_env import prepare_ray_environment
@@ -138,6 +140,18 @@ async def _group_gone(pid: int, timeout: float = 15.0) -> None:
     await async_wait_for(lambda: not pgid_members(pid), timeout, what=f"process group {pid} gone")
 
 
+def _wait_channels(pid: int) -> list[str]:
+    """Where each thread of ``pid`` sleeps in the kernel (``anon_pipe_write``: blocked writing a pipe)."""
+    channels = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/wchan") as f:
+                channels.append(f.read().strip())
+        except OSError:
+            pass
+    return channels
+
+
 def _gapless(events: list[dict]) -> bool:
     numbers = [e["seq"] for e in events]
     return numbers == list(range(1, len(numbers) + 1))
@@ -206,6 +220,46 @@ async def test_unplaceable_session_fails_with_5001(cluster: Cluster, ray_gateway
         assert response["error"]["code"] == 5001, response
         assert "no Ray node has room" in response["error"]["message"]
         assert time.monotonic() - started < 20  # bounded by the deadline, never a hang
+
+
+async def test_a_client_that_stops_reading_blocks_the_worker_on_its_node(cluster: Cluster, ray_gateway: Any) -> None:
+    """Backpressure end to end across Ray: socket -> session -> generator -> host -> pipe -> worker."""
+    gw = ray_gateway()
+    gateway_proc = psutil.Process(gw.pid)
+    async with websockets.connect(gw.url(), max_size=None, max_queue=1) as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "session.create", "params": {"agent": "load"}}))
+        created = json.loads(await ws.recv())["result"]
+        sid, worker = created["session_id"], psutil.Process(created["worker_pid"])
+        rss_before = gateway_proc.memory_info().rss
+        await ws.send(json.dumps({"jsonrpc": "2.0", "id": 2, "method": "prompt.submit",
+                                  "params": {"session_id": sid, "text": "output_mb=64 chunk_kb=64"}}))
+        # Not reading from here on: the worker must end up blocked in a write to its pipe, mid-turn.
+        samples: list[float] = []
+
+        def worker_blocked() -> bool:
+            times = worker.cpu_times()
+            samples.append(times.user + times.system)
+            if len(samples) < 3 or samples[-1] != samples[-3]:
+                return False
+            waits = _wait_channels(worker.pid)
+            return any("pipe_w" in w for w in waits) or all(w in ("", "0") for w in waits)  # "0": hidden
+
+        await async_wait_for(worker_blocked, 60, interval=0.25, what="the worker blocked by backpressure")
+        assert gateway_proc.memory_info().rss - rss_before < 100 * _MIB
+        seqs: list[int] = []
+        total = 0
+        while True:
+            params = json.loads(await asyncio.wait_for(ws.recv(), 60)).get("params") or {}
+            if params.get("session_id") == sid and params.get("seq"):
+                seqs.append(params["seq"])
+                if params["type"] == "tool.output":
+                    total += len(params["payload"]["text"])
+                elif params["type"] == "turn.complete":
+                    assert params["payload"]["status"] == "ok"
+                    break
+        assert seqs == list(range(1, len(seqs) + 1)) and total == 64 * _MIB
+        assert gateway_proc.memory_info().rss - rss_before < 100 * _MIB
 
 
 async def test_gateway_death_ends_its_workers_on_every_node(cluster: Cluster, ray_gateway: Any) -> None:
