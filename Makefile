@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,fast]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,fast,ray]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -79,11 +79,18 @@ class GatewayState:
         if store is not None:
             await store.close()
 
+    async def open_backend(self) -> None:
+        """Create and start the worker backend.  Raises ``BackendUnavailable`` (missing extra, unreachable
+        cluster): the server then exits 2 with its message."""
+        self.backend = create_backend(self.config)
+        await self.backend.start()
+
     async def start(self) -> None:
         self.lag = LoopLagMonitor(observer=self.metrics.loop_lag.observe)
         self.lag.start()
-        self.backend = create_backend(self.config)
-        await self.backend.start()
+        if self.backend is None:
+            await self.open_backend()
+        assert self.backend is not None
         self.sessions = SessionRegistry(self.config, self.backend, self.metrics, self.store)
         await self.sessions.recover()
         self.terminals = TerminalRegistry(self.config, other_connections=lambda: len(self.connections))

@@ -402,6 +402,25 @@ class Config:
         float, 20.0, "/pty attaches per second, gateway-wide (token bucket)", 0.1, None
     )
     terminal_attach_burst: int = knob(int, 40, "/pty attaches allowed in a burst", 1, None)
+    # --- ray backend (docs/scaling.md) ---
+    backend: str = knob(
+        str,
+        "local",
+        "where agent workers run: local (forkserver pool on this machine) or ray "
+        "(host actors on a Ray cluster; needs the ray extra)",
+        choices=("local", "ray"),
+    )
+    ray_address: str | None = knob(
+        str,
+        None,
+        "Ray GCS address host:port to join as a driver, or 'local' for a "
+        "private cluster owned by the gateway (never 'auto', never ray://)",
+        optional=True,
+    )
+    ray_sessions_per_node: int = knob(int, 32, "sessions one Ray node takes at most (admission control)", 1, 100000)
+    ray_placement_timeout_s: float = knob(
+        float, 10.0, "seconds session.create waits for a Ray node with room before failing with 5001", 0.1, 600
+    )
     # Derived at load time, not a setting: whether the ping flags were given explicitly.
     ping_explicit: bool = False
 

@@ -31,6 +31,7 @@ from gateway.loops import select_loop_factory
 from gateway.rootpath import RootPathMiddleware
 from gateway.store.errors import StoreError
 from gateway.wsproto import protocol_class
+from workers.backends.ray_errors import BackendUnavailable
 
 logger = logging.getLogger("worker_gateway.server")
 READY_PREFIX = wire.READY_LINE_PREFIX
@@ -193,11 +194,19 @@ class GatewayServer(uvicorn.Server):
             self.startup_error = exc.message
             return
         try:
+            await self.state.open_backend()
+        except BackendUnavailable as exc:
+            self.startup_error = exc.message
+            await self.state.close_store()
+            return
+        try:
             with self.capture_signals():
                 await self._serve(sockets)
                 # A signal was a request for a graceful stop, which is done: exit 0 rather than re-raising it.
                 self._captured_signals.clear()
         finally:
+            if self.state.backend is not None and not self.state.shutting_down:
+                await self.state.backend.close()  # the lifespan never ran its shutdown
             await self.state.close_store()
 
 

@@ -88,6 +88,9 @@ class WorkerState(enum.Enum):
 class WorkerHandle:
     """One worker process, as the gateway sees it.  Create through :meth:`Supervisor.acquire`."""
 
+    #: Local workers run on this machine: no node to name (the Ray backend's handles have one).
+    node: str | None = None
+
     def __init__(
         self,
         spawned: launch.SpawnedWorker,

@@ -388,6 +388,7 @@ class SessionRegistry:
             "session_id": session.id,
             "agent": session.agent,
             "worker_pid": worker.pid,
+            **({"node": worker.node} if worker.node else {}),  # Ray backend: where it runs
             "created_at": session.created_at,
         }
 

@@ -133,6 +133,7 @@ class Session:
             "created_at": self.created_at,
             "last_active": self.last_active,
             "last_seq": self.seq,
+            **({"node": w.node} if (w := self.slot.worker) is not None and w.node else {}),
         }
 
     def snapshot(self) -> dict[str, Any]:

@@ -24,6 +24,11 @@ class Worker(Protocol):
         """The worker's pid on its host (shown to clients; not a handle: the gateway never signals it)."""
         ...
 
+    @property
+    def node(self) -> str | None:
+        """Where it runs, when the backend has more than one place (the Ray node id); else None."""
+        ...
+
     def send(self, op: str, body: dict[str, Any] | None = None) -> None:
         """Queue a control frame without blocking."""
         ...
@@ -66,10 +71,25 @@ class WorkerBackend(Protocol):
 
 
 def create_backend(config: Any) -> WorkerBackend:
-    """The backend ``config.backend`` names (default: the local forkserver pool)."""
+    """The backend ``config.backend`` names (default: the local forkserver pool).  Ray is imported only
+    here, only for ``ray``; a missing extra raises
+    :class:`~workers.backends.ray_errors.BackendUnavailable` (the gateway exits 2 with its message), as
+    does the Ray backend's ``start()`` when the cluster cannot be reached."""
     name = getattr(config, "backend", "local")
     if name == "local":
         from workers.supervisor import Supervisor
 
         return Supervisor.from_config(config)
+    if name == "ray":
+        from workers.backends.ray_env import prepare_ray_environment
+        from workers.backends.ray_errors import BackendUnavailable
+
+        prepare_ray_environment(getattr(config, "ray_address", None))  # read by Ray at import
+        try:
+            from workers.backends.ray_backend import RayBackend
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"--backend ray needs the ray extra: pip install 'worker-gateway[ray]' ({exc})"
+            ) from None
+        return RayBackend.from_config(config)
     raise ValueError(f"unknown worker backend {name!r}")
