@@ -145,7 +145,8 @@ def render(sections: list[Section], opts: Options, elapsed: float, machine: str,
         "",
         f"This run: {now}, {mode}, {elapsed / 60:.1f} minutes{' (partial: --only)' if partial else ''}.  Everything "
         "runs on 127.0.0.1; the servers under test are subprocesses started exactly as users start them, "
-        "the client is one Python process using `websockets`.",
+        "the client is one Python process using `websockets`.  Every gateway runs with the session store on "
+        "(the default for users; here each in a fresh temporary `--state-dir`) unless its row says `--no-state`.",
         "",
         "## Machine",
         "",
