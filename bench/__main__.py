@@ -1,7 +1,7 @@
 """``python -m bench``: run every benchmark and rewrite docs/BENCHMARKS.md (``make bench``).
 
 Options: ``--quick`` (shorter windows, fewer rounds: a smoke run in about two minutes), ``--only
-stall,relay,start,teardown,scale,workers`` (prints the sections instead of rewriting the document, unless
+stall,relay,start,teardown,scale,store_gateway,store,encode,workers`` (prints the sections instead of rewriting the document, unless
 ``--out`` is given), ``--rounds N`` (override every benchmark's rounds), ``--out PATH``.
 """
 
@@ -19,7 +19,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from bench import bench_relay, bench_scale, bench_stall, bench_start, bench_teardown
+from bench import (bench_encode, bench_relay, bench_scale, bench_stall, bench_start, bench_store,
+                   bench_store_gateway, bench_teardown)
 from bench.procs import ROOT
 from bench.report import Goal, Options, Section, cpu_availability, machine_table, table
 
@@ -29,6 +30,9 @@ BENCHMARKS = {
     "start": bench_start,
     "teardown": bench_teardown,
     "scale": bench_scale,
+    "store_gateway": bench_store_gateway,
+    "store": bench_store,
+    "encode": bench_encode,
 }
 WORKERS_SCRIPT = ROOT / "bench" / "bench_workers.py"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"
@@ -89,7 +93,7 @@ def run_workers_script(opts: Options) -> Section:
         command += ["--rounds", str(opts.rounds or 20)]
     shown = ".venv/bin/python bench/bench_workers.py" + (" --rounds 20" if opts.quick else "")
     if not WORKERS_SCRIPT.exists():
-        return Section("workers", "6. Worker layer", shown, "`bench/bench_workers.py` is not there in this checkout.")
+        return Section("workers", "9. Worker layer", shown, "`bench/bench_workers.py` is not there in this checkout.")
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
@@ -97,8 +101,8 @@ def run_workers_script(opts: Options) -> Section:
     try:
         data: dict[str, Any] = json.loads(done.stdout)
     except ValueError:
-        return Section("workers", "6. Worker layer", shown, "```\n" + done.stdout.strip() + "\n```", seconds=seconds)
-    return Section("workers", "6. Worker layer (bench/bench_workers.py)", shown, _workers_body(data), seconds=seconds)
+        return Section("workers", "9. Worker layer", shown, "```\n" + done.stdout.strip() + "\n```", seconds=seconds)
+    return Section("workers", "9. Worker layer (bench/bench_workers.py)", shown, _workers_body(data), seconds=seconds)
 
 
 def _workers_body(data: dict[str, Any]) -> str:
@@ -141,7 +145,8 @@ def render(sections: list[Section], opts: Options, elapsed: float, machine: str,
         "",
         f"This run: {now}, {mode}, {elapsed / 60:.1f} minutes{' (partial: --only)' if partial else ''}.  Everything "
         "runs on 127.0.0.1; the servers under test are subprocesses started exactly as users start them, "
-        "the client is one Python process using `websockets`.",
+        "the client is one Python process using `websockets`.  Every gateway runs with the session store on "
+        "(the default for users; here each in a fresh temporary `--state-dir`) unless its row says `--no-state`.",
         "",
         "## Machine",
         "",

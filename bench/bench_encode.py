@@ -136,7 +136,7 @@ async def run(opts: Options) -> Section:
     rounds = opts.pick(9, 3)
     started = time.perf_counter()
     result = await asyncio.to_thread(measure, rounds, 0.05 if opts.quick else 0.2)
-    return Section(KEY, "Worker CPU per event: scrub + encode", "python -m bench.bench_encode",
+    return Section(KEY, "8. Worker CPU per event: scrub + encode", ".venv/bin/python -m bench --only encode",
                    render(result, rounds), seconds=time.perf_counter() - started)
 
 

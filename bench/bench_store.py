@@ -151,7 +151,7 @@ async def run(opts: Options) -> Section:
     worst = max(all_p50)
     goals = [Goal("store acknowledgement p50 at realistic rates", "<= 2 ms", f"{ms(worst, 2)} ms (worst rate)",
                   worst <= 0.002, "" if worst <= 0.002 else "see the table: which rate was slow")]
-    return Section(KEY, "Store", ".venv/bin/python -m bench.bench_store", body, goals, time.perf_counter() - started)
+    return Section(KEY, "7. The store's writer process alone", ".venv/bin/python -m bench --only store", body, goals, time.perf_counter() - started)
 
 
 def main(argv: list[str] | None = None) -> int:

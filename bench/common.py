@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import json
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from bench.procs import ServerProcess
+import psutil
+
+from bench.procs import ServerProcess, descendants
 from bench.stats import Buckets, bucket_delta, histogram_max_bound, histogram_quantile
 
 LAG_HISTOGRAM = "wg_loop_lag_seconds_bucket"
@@ -23,6 +27,32 @@ async def running(server: ServerProcess) -> AsyncIterator[ServerProcess]:
         yield server
     finally:
         await asyncio.to_thread(server.stop)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(*args: str, store: bool = True, ping: bool = True) -> AsyncIterator[ServerProcess]:
+    """A gateway with its store on in a temporary state dir that is removed afterwards (a relay run
+    writes gigabytes into it), or with ``--no-state``."""
+    state_dir = tempfile.mkdtemp(prefix="bench-state-") if store else None
+    flags = [f"--state-dir={state_dir}"] if state_dir else ["--no-state"]
+    try:
+        async with running(ServerProcess.gateway(*flags, *args, ping=ping)) as server:
+            yield server
+    finally:
+        if state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+WRITER_MODULE = "gateway.store.writer_main"
+
+
+def writer_pid(gateway_pid: int) -> int:
+    """The store's writer process among the gateway's descendants (0 if none: ``--no-state``)."""
+    for proc in descendants(gateway_pid):
+        with contextlib.suppress(psutil.Error):
+            if WRITER_MODULE in " ".join(proc.cmdline()):
+                return proc.pid
+    return 0
 
 
 @dataclass(frozen=True)
