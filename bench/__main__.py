@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (bench_encode, bench_relay, bench_scale, bench_stall, bench_start, bench_store,
-                   bench_store_gateway, bench_teardown)
+                   bench_ray, bench_store_gateway, bench_teardown)
 from bench.procs import ROOT
 from bench.report import Goal, Options, Section, cpu_availability, machine_table, table
 
@@ -33,6 +33,7 @@ BENCHMARKS = {
     "store_gateway": bench_store_gateway,
     "store": bench_store,
     "encode": bench_encode,
+    "ray": bench_ray,
 }
 WORKERS_SCRIPT = ROOT / "bench" / "bench_workers.py"
 DEFAULT_OUT = ROOT / "docs" / "BENCHMARKS.md"

@@ -37,10 +37,10 @@ class ServerProcess(ReadyLineProcess):
 
     @classmethod
     def gateway(cls, *extra: str, ping: bool = True) -> ServerProcess:
-        argv = gateway_command("--log-level", "warning", token=TOKEN)
+        argv = gateway_command("--log-level", "warning", *extra, token=TOKEN)
         if ping:
             argv += ["--ws-ping-interval", PING[0], "--ws-ping-timeout", PING[1]]
-        return cls(argv + list(extra), READY_LINE_PREFIX, "worker-gateway")
+        return cls(argv, READY_LINE_PREFIX, "worker-gateway")
 
     @classmethod
     def baseline(cls, *extra: str) -> ServerProcess:
