@@ -205,7 +205,10 @@ async def test_interrupt_replaces_a_worker_that_ignores_it(gateway_factory) -> N
         types = [e["type"] for e in client.session_events(sid)]
         assert types[-2:] == ["worker.exited", "turn.complete"], types
         exited = client.session_events(sid, "worker.exited")[0]["payload"]
-        assert exited["pid"] == old_pid and exited["expected"] is True and exited["signal"] in (9, 15)
+        assert exited["pid"] == old_pid and exited["expected"] is True
+        # Killed: by SIGTERM or SIGKILL, or (rarely, on a loaded machine) the forkserver's report of the
+        # status was lost and both are null; see workers/supervisor.py _on_sentinel.
+        assert exited["signal"] in (9, 15) or (exited["signal"] is None and exited["returncode"] is None), exited
         assert client.session_events(sid, "turn.complete")[0]["payload"]["status"] == "interrupted"
         assert group_gone(old_pid)
         await client.call("prompt.submit", session_id=sid, text="0")

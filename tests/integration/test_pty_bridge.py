@@ -132,7 +132,10 @@ async def test_the_program_starts_with_no_signal_ignored(tmp_path: Path) -> None
     screen = Screen(pty)
     try:
         match = await screen.expect(rb"SigIgn:\s*([0-9a-f]+)")
-        assert int(match.group(1), 16) == 0, match.group(0)
+        # Signals 32 and 33 are glibc's own (thread cancellation, setxid): no program sets them, and
+        # Python cannot reset them; a C extension loaded in this test process may have ignored them.
+        glibc_reserved = (1 << 31) | (1 << 32)
+        assert int(match.group(1), 16) & ~glibc_reserved == 0, match.group(0)
         assert psutil.Process(pty.program_pid).ppid() == pty.pid  # the program is the keeper's child
     finally:
         await pty.terminate()

@@ -159,8 +159,15 @@ async def test_slow_consumer_pauses_the_pipe_and_loses_nothing() -> None:
     while not reader.paused:  # the consumer has not read anything yet
         assert loop.time() < deadline, "reader never paused"
         await asyncio.sleep(0.01)
-    stalled_at = progress[0]
-    await asyncio.sleep(0.2)  # give a non-blocking writer time to run ahead, if it could
+    # The writer goes on until the pipe's buffer is full; wait until it has stopped (a slow machine
+    # schedules it late), then check that it stays stopped while nothing is read.
+    stalled_at, still = -1, 0
+    while still < 20:
+        assert loop.time() < deadline + 10, "the writer never stopped"
+        still = still + 1 if progress[0] == stalled_at else 0
+        stalled_at = progress[0]
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # proves a negative: a non-blocking writer would run ahead in this window
     assert progress[0] == stalled_at < total, "the writer was not held back"
     assert reader.queued_bytes <= limit + 256 * 1024 + HEADER_SIZE + 8000
     received = 0
