@@ -131,6 +131,19 @@ class Metrics:
         self._workers = Gauge("wg_workers_alive", "Agent worker processes alive (pooled and in use)", registry=r)
         self._pool = Gauge("wg_warm_pool_ready", "Warm workers ready in the pool", registry=r)
         self._terminals = Gauge("wg_terminals", "Open terminals", registry=r)
+        # Backends that place workers on several nodes (Ray) report these; the local backend does not.
+        self._backend_workers = Gauge("wg_backend_workers", "Workers handed out, per node", ["node"], registry=r)
+        self._backend_failures = Gauge(
+            "wg_backend_placement_failures",
+            "Sessions refused: no node had room within the placement deadline (since start)",
+            registry=r,
+        )
+        self._backend_acquire = Gauge(
+            "wg_backend_acquire_seconds",
+            "Time to get a ready worker from the backend, over its recent acquisitions",
+            ["stat"],
+            registry=r,
+        )
         self._lag_recent = Gauge(
             "wg_loop_lag_recent_seconds",
             "Loop lag over the monitor's recent window (about a minute)",
@@ -159,6 +172,15 @@ class Metrics:
         if state.backend is not None:
             self._workers.set(state.backend.live_workers)
             self._pool.set(state.backend.pool_ready)
+            snapshot = getattr(state.backend, "metrics_snapshot", None)
+            if snapshot is not None:
+                values = snapshot()
+                self._backend_workers.clear()
+                for node, count in values["workers_per_node"].items():
+                    self._backend_workers.labels(node=node).set(count)
+                self._backend_failures.set(values["placement_failures"])
+                for stat, seconds in values["acquire_seconds"].items():
+                    self._backend_acquire.labels(stat=stat).set(seconds)
         if state.terminals is not None:
             self._terminals.set(state.terminals.count)
         if state.lag is not None:

@@ -220,6 +220,17 @@ async def test_unplaceable_session_fails_with_5001(cluster: Cluster, ray_gateway
         assert response["error"]["code"] == 5001, response
         assert "no Ray node has room" in response["error"]["message"]
         assert time.monotonic() - started < 20  # bounded by the deadline, never a hang
+        # /metrics: workers per node, the placement failure, the backend's acquire latency.
+        import urllib.request
+
+        request = urllib.request.Request(gw.http("/metrics"), headers={"Authorization": f"Bearer {gw.token}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            text = answer.read().decode()
+        per_node = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("wg_backend_workers{")]
+        assert sum(per_node) == 2 and len(per_node) == 2, text
+        assert any(line.startswith("wg_backend_placement_failures ") and float(line.split()[-1]) >= 1
+                   for line in text.splitlines())
+        assert 'wg_backend_acquire_seconds{stat="p50"}' in text
 
 
 async def test_a_client_that_stops_reading_blocks_the_worker_on_its_node(cluster: Cluster, ray_gateway: Any) -> None:

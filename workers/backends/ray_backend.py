@@ -221,6 +221,19 @@ class RayBackend:
     def pool_ready(self) -> int:
         return sum(h.pool_ready for h in self._hosts.values() if h.state is HostState.READY)
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """What ``/metrics`` shows of the backend: workers per node, placement failures, acquire latency."""
+        samples = sorted(self.counters.acquire_seconds)
+
+        def pick(q: float) -> float:
+            return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else 0.0
+
+        return {
+            "workers_per_node": self.workers_per_node(),
+            "placement_failures": self.counters.placement_failures,
+            "acquire_seconds": {"p50": pick(0.5), "p99": pick(0.99)},
+        }
+
     def workers_per_node(self) -> dict[str, int]:
         """Handed-out workers per ready node (for metrics and the dashboard)."""
         return {h.node_id: h.sessions for h in self._hosts.values() if h.state is not HostState.FAILED}
