@@ -9,10 +9,9 @@ bounded pieces, off the loop.  Only events that are not durable yet are never ev
 from __future__ import annotations
 
 import collections
-import itertools
 from typing import TYPE_CHECKING
 
-from gateway.store.log import Slice
+from gateway.store.log import Slice, held_after
 
 if TYPE_CHECKING:
     from gateway.store.client import EventStore
@@ -112,21 +111,11 @@ class DurableEventLog:
 
     def since(self, after_seq: int) -> Slice:
         """What the cache holds after ``after_seq``; ``truncated`` here means "the rest is on disk"."""
-        after_seq = max(0, after_seq)
-        start = max(0, after_seq + 1 - self._first_seq)
-        frames = list(itertools.islice(self._frames, start, None))
-        return Slice(frames, after_seq + 1 < self._first_seq, self._first_seq + start if frames else self.last_seq + 1)
+        return held_after(self._frames, self._first_seq, self.last_seq, after_seq)
 
     def page(self, after_seq: int, max_events: int, max_bytes: int) -> Slice:
-        start = max(0, after_seq + 1 - self._first_seq)
-        frames: list[str] = []
-        size = 0
-        for frame in itertools.islice(self._frames, start, None):
-            if frames and (len(frames) >= max_events or size + len(frame) > max_bytes):
-                break
-            frames.append(frame)
-            size += len(frame)
-        return Slice(frames, False, self._first_seq + start if frames else self.last_seq + 1)
+        piece = held_after(self._frames, self._first_seq, self.last_seq, after_seq, max_events, max_bytes)
+        return Slice(piece.frames, False, piece.first_seq)  # what the cache does not hold is on disk
 
     async def read(self, after_seq: int, max_events: int, max_bytes: int) -> Slice:
         """Up to ``max_events`` / ``max_bytes`` of the events after ``after_seq``, from the cache when it

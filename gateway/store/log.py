@@ -8,6 +8,8 @@ holds may need the disk, so :meth:`EventLog.read` is asynchronous; everything el
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +21,31 @@ class Slice:
     frames: list[str]
     truncated: bool  # some events after ``after_seq`` are no longer held anywhere
     first_seq: int  # seq of frames[0] (last_seq + 1 when empty)
+
+
+def held_after(
+    frames: Iterable[str],
+    first_seq: int,
+    last_seq: int,
+    after_seq: int,
+    max_events: int | None = None,
+    max_bytes: int | None = None,
+) -> Slice:
+    """The frames of a cache holding ``first_seq``..``last_seq`` with seq > ``after_seq``, at most
+    ``max_events`` / ``max_bytes`` of them (always at least one); ``truncated`` when the cache starts later."""
+    after_seq = max(0, after_seq)
+    start = max(0, after_seq + 1 - first_seq)
+    taken: list[str] = []
+    size = 0
+    for frame in itertools.islice(frames, start, None):
+        if taken and (
+            (max_events is not None and len(taken) >= max_events)
+            or (max_bytes is not None and size + len(frame) > max_bytes)
+        ):
+            break
+        taken.append(frame)
+        size += len(frame)
+    return Slice(taken, after_seq + 1 < first_seq, first_seq + start if taken else last_seq + 1)
 
 
 class EventLog(Protocol):

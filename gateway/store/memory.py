@@ -15,9 +15,8 @@ What may be evicted (PROTOCOL section 5: at least the last ``max_events`` or ``m
 from __future__ import annotations
 
 import collections
-import itertools
 
-from gateway.store.log import Slice
+from gateway.store.log import Slice, held_after
 
 __all__ = ["MemoryEventLog", "ReplayBuffer", "Slice"]
 
@@ -118,29 +117,14 @@ class MemoryEventLog:
 
     def since(self, after_seq: int) -> Slice:
         """Every held event with seq > ``after_seq``; ``truncated`` when some of those were evicted."""
-        after_seq = max(0, after_seq)
-        truncated = after_seq + 1 < self._first_seq
-        start = max(0, after_seq + 1 - self._first_seq)
-        frames = list(itertools.islice(self._frames, start, None))
-        return Slice(frames, truncated, max(self._first_seq, after_seq + 1) if frames else self.last_seq + 1)
+        return held_after(self._frames, self._first_seq, self.last_seq, after_seq)
 
     async def read(self, after_seq: int, max_events: int, max_bytes: int) -> Slice:
         return self.page(after_seq, max_events, max_bytes)
 
     def page(self, after_seq: int, max_events: int, max_bytes: int) -> Slice:
         """Like :meth:`since`, but at most ``max_events`` / ``max_bytes`` (always at least one event)."""
-        after_seq = max(0, after_seq)
-        truncated = after_seq + 1 < self._first_seq
-        start = max(0, after_seq + 1 - self._first_seq)
-        frames: list[str] = []
-        size = 0
-        for frame in itertools.islice(self._frames, start, None):
-            if frames and (len(frames) >= max_events or size + len(frame) > max_bytes):
-                break
-            frames.append(frame)
-            size += len(frame)
-        first = self._first_seq + start
-        return Slice(frames, truncated, first if frames else self.last_seq + 1)
+        return held_after(self._frames, self._first_seq, self.last_seq, after_seq, max_events, max_bytes)
 
 
 #: The name the first version had; tests of the buffer's bounds use it.
