@@ -37,6 +37,7 @@ from gateway.sessions import SessionRegistry
 from gateway.slash import SlashRunner  # noqa: F401  (imported so a broken slash module fails at start-up)
 from gateway.store import EventStore
 from gateway.terminals import TerminalRegistry
+from gateway.wire import Method
 from workers.backends import WorkerBackend, create_backend
 
 logger = logging.getLogger("worker_gateway.app")
@@ -305,14 +306,18 @@ async def _receive_loop(state: GatewayState, websocket: WebSocket, conn: Connect
                     )
                     continue
                 continue
-            if not bucket.take():
-                _answer_limit(conn, data, state.config)
-                continue
             try:
                 request = rpc.parse_request(data, max_depth=state.config.max_json_depth)
             except rpc.RequestError as exc:
-                if not exc.notification:
+                if not bucket.take():
+                    _answer_limit(conn, exc.request_id, state.config)
+                elif not exc.notification:
                     conn.send(rpc.encode_error(exc.request_id, exc.error))
+                continue
+            # Acknowledgements are O(1) bookkeeping that a client sends per batch of events it processed:
+            # they never count against its request rate (32 sessions acking would exhaust it).
+            if request.method != Method.SESSION_ACK and not bucket.take():
+                _answer_limit(conn, request.id, state.config)
                 continue
             metrics.requests.labels(method=request.method).inc()
             if request.method == "gateway.ping":  # answered inline: never queued behind anything
@@ -333,11 +338,7 @@ async def _receive_loop(state: GatewayState, websocket: WebSocket, conn: Connect
         pass
 
 
-def _answer_limit(conn: Connection, data: str, config: Config) -> None:
-    try:
-        request_id = rpc.parse_request(data, max_depth=config.max_json_depth).id
-    except rpc.RequestError as exc:
-        request_id = exc.request_id
+def _answer_limit(conn: Connection, request_id: int | str | None, config: Config) -> None:
     conn.send(
         rpc.encode_error(
             request_id,

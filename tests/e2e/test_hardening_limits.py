@@ -114,6 +114,16 @@ async def test_connection_limit_sends_4029_then_closes_1013(gateway_factory) -> 
         await asyncio.sleep(0.05)
 
 
+async def test_acks_are_not_rate_limited(gateway_factory) -> None:
+    gw = gateway_factory("--rate-per-s", "1", "--rate-burst", "2")
+    async with RpcClient.connect(gw.url()) as client:
+        sid = (await client.call("session.create"))["session_id"]
+        answers = [await client.request("session.ack", {"session_id": sid, "seq": 0}) for _ in range(20)]
+        assert all("result" in a for a in answers), answers
+        others = [await client.request("gateway.info") for _ in range(4)]  # the rest still is
+        assert any(a.get("error", {}).get("code") == 4029 for a in others), others
+
+
 async def test_rate_limit_answers_excess_with_4029_and_keeps_the_connection(gateway_factory) -> None:
     rate, burst = 5, 10
     gw = gateway_factory("--rate-per-s", str(rate), "--rate-burst", str(burst))
