@@ -158,7 +158,10 @@ def test_terminals_survive_a_reload_with_their_screens(dashboard: Dashboard) -> 
 
     page.get_by_role("button", name="Close terminal").click()
     page.wait_for_function("() => window.wgDebug.terminals().length === 1")
+    # The page shows the remaining terminal before its Close button refers to it.
+    expect(page.locator("#term-status")).to_contain_text(second)
     page.get_by_role("button", name="Close terminal").click()
+    page.wait_for_function("() => window.wgDebug.terminals().length === 0")
     expect(page.locator("#term-status")).to_have_text("No terminal open.")
     reload(dashboard, None)
     assert dashboard.debug("terminals()") == []
