@@ -9,7 +9,7 @@ only for a host that stops answering.
 
 Importing this module imports Ray: :func:`workers.backends.create_backend` does it only for
 ``--backend ray``.  Never Ray Client (``ray://``: no streaming generators), never ``address="auto"``,
-never ``ray stop``.
+never the Ray CLI's stop command (it ends every Ray process on the machine).
 """
 
 from __future__ import annotations
