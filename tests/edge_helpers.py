@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT, GatewayProcess, RpcClient, read_line
+from support import ROOT, GatewayProcess, RpcClient, read_line
 
 # A client that stops answering pings: a subprocess we SIGSTOP (so its kernel socket stays open and nothing
 # answers), as a browser behind a tunnel that vanished.  It creates a session, says so, then idles.

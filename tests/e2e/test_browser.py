@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 
 from gateway.auth import cookie_name
-from tests.conftest import ROOT, TOKEN, GatewayProcess, wait_for
+from support import ROOT, TOKEN, GatewayProcess, wait_for
 
 pytestmark = pytest.mark.browser
 

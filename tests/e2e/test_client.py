@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import TOKEN, GatewayProcess, async_wait_for
+from support import TOKEN, GatewayProcess, async_wait_for
 from gateway.client import (
     CallTimeout,
     ClientState,

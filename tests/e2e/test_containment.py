@@ -21,7 +21,7 @@ import psutil
 import pytest
 import websockets
 
-from conftest import GatewayProcess, RpcClient, async_wait_for
+from support import GatewayProcess, RpcClient, async_wait_for
 from gateway.wire import SUBPROTOCOL
 
 pytestmark = pytest.mark.timeout(120)

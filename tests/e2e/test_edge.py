@@ -10,7 +10,7 @@ import json
 import pytest
 import websockets
 
-from conftest import TOKEN, GatewayProcess, RpcClient, wait_for
+from support import TOKEN, GatewayProcess, RpcClient, wait_for
 from gateway.auth import cookie_name, cookie_value
 
 
@@ -100,7 +100,7 @@ def test_bad_root_path_is_a_usage_error() -> None:
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from support import ROOT
     proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", "0", "--root-path", "/a b"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--root-path" in proc.stderr and "Traceback" not in proc.stderr

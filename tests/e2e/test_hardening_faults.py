@@ -16,7 +16,7 @@ import urllib.request
 import psutil
 import pytest
 
-from conftest import ROOT, TOKEN, RpcClient, async_wait_for, descendants, pgid_members, wait_for_gone
+from support import ROOT, TOKEN, RpcClient, async_wait_for, descendants, pgid_members, wait_for_gone
 from hardening_agents import CORRUPTIONS
 from hardening_wire import RawWebSocket
 

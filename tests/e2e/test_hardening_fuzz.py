@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from conftest import GatewayProcess, descendants, wait_for
+from support import GatewayProcess, descendants, wait_for
 from gateway import rpc
 from gateway.rpc import METHOD_PARAMS
 from hardening_wire import OP_BINARY, OP_CONT, OP_TEXT, RawWebSocket

@@ -13,7 +13,7 @@ import time
 import pytest
 import websockets
 
-from conftest import RpcClient, async_wait_for, pgid_members
+from support import RpcClient, async_wait_for, pgid_members
 
 
 async def open_terminal(client: RpcClient, **params) -> dict:

@@ -9,7 +9,7 @@ import time
 
 import websockets
 
-from conftest import RpcClient
+from support import RpcClient
 
 
 async def test_concurrent_interrupts_of_a_stuck_turn_all_answer_interrupted(gateway_factory) -> None:

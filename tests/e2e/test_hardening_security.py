@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import websockets
 
-from conftest import GatewayProcess, RpcClient, wait_for
+from support import GatewayProcess, RpcClient, wait_for
 
 TOKEN = "Sekrit-Tok3n-for-log-checks-0123456789"
 WRONG = "Wr0ng-but-maybe-someones-real-token-9876"

@@ -14,7 +14,7 @@ import urllib.request
 
 import psutil
 
-from conftest import RpcClient, async_wait_for, descendants, pgid_members
+from support import RpcClient, async_wait_for, descendants, pgid_members
 
 CYCLES = int(os.environ.get("WG_STORM_CYCLES", "500"))
 CONCURRENCY = int(os.environ.get("WG_STORM_CONCURRENCY", "8"))

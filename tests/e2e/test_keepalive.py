@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from conftest import GatewayProcess, RpcClient
+from support import GatewayProcess, RpcClient
 from edge_helpers import StoppableClient, active, wait_detached, wait_reaped
 from gateway import keepalive
 from gateway.keepalive import PingPolicy, PingReason, connection_policy

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TOKEN, GatewayProcess, wait_for
+from support import ROOT, TOKEN, GatewayProcess, wait_for
 from gateway import loadtest
 
 

@@ -11,7 +11,7 @@ import pytest
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TOKEN, GatewayProcess, RpcClient
+from support import TOKEN, GatewayProcess, RpcClient
 
 
 def _get(url: str, token: str | None = None) -> tuple[int, str]:

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import pytest
 import websockets
 
-from conftest import TOKEN, GatewayProcess, RpcClient, wait_for
+from support import TOKEN, GatewayProcess, RpcClient, wait_for
 from edge_helpers import StoppableClient, active, wait_detached, wait_reaped
 from gateway.auth import cookie_name
 

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from conftest import ROOT, RpcClient, async_wait_for
+from support import ROOT, RpcClient, async_wait_for
 from openai_fake_server import FakeOpenAI, Script, Stall, chunk, text_script, tool_script
 
 pytestmark = pytest.mark.timeout(120)

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import websockets
 
-from conftest import GatewayProcess, RpcClient, async_wait_for, pgid_members
+from support import GatewayProcess, RpcClient, async_wait_for, pgid_members
 from workers.backends.ray_env import prepare_ray_environment
 from workers.backends.ray_placement import HostLoad, HostState, choose_node, no_room_message
 

@@ -12,7 +12,7 @@ import urllib.request
 import psutil
 import websockets
 
-from conftest import RpcClient
+from support import RpcClient
 
 #: What one non-reading client may cost: its outbound budget (4 MiB), one page in flight (8 MiB), the
 #: session's replay (8 MiB), and the interpreter's slack; far below the 900 MB the flood reached before.

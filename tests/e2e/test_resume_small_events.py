@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import TOKEN, GatewayProcess
+from support import TOKEN, GatewayProcess
 from gateway.client import GatewayClient, ReplayTruncated
 from gateway.wire import EventType
 

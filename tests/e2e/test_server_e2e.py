@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 import websockets
 
-from conftest import ROOT, TOKEN, GatewayProcess, RpcClient, wait_for
+from support import ROOT, TOKEN, GatewayProcess, RpcClient, wait_for
 from gateway.config import KNOBS
 
 

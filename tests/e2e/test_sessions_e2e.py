@@ -13,7 +13,7 @@ import psutil
 import pytest
 import websockets
 
-from conftest import ROOT, RpcClient, async_wait_for, pgid_members
+from support import ROOT, RpcClient, async_wait_for, pgid_members
 
 
 def seqs(events: list[dict]) -> list[int]:

@@ -7,7 +7,7 @@ import asyncio
 import socket
 import time
 
-from conftest import TOKEN, GatewayProcess, RpcClient, wait_for
+from support import TOKEN, GatewayProcess, RpcClient, wait_for
 from gateway.httpproto import pending_cap
 
 

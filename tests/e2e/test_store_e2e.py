@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import ROOT, TOKEN, GatewayProcess, RpcClient, async_wait_for, descendants, wait_for_gone
+from support import ROOT, TOKEN, GatewayProcess, RpcClient, async_wait_for, descendants, wait_for_gone
 
 
 def start(state_dir: Path, *args: str) -> GatewayProcess:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import pty_bridge
-from conftest import pgid_members
+from support import pgid_members
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
 

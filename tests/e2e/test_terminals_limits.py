@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 import websockets
 
-from conftest import GatewayProcess, RpcClient
+from support import GatewayProcess, RpcClient
 from gateway.wire import SUBPROTOCOL, CloseCode
 
 pytestmark = [pytest.mark.timeout(180),

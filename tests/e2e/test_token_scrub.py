@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import TOKEN
+from support import TOKEN
 
 
 async def test_the_gateway_token_is_redacted_in_tool_output(rpc_connect) -> None:

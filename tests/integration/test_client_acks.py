@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from conftest import TOKEN, GatewayProcess, async_wait_for
+from support import TOKEN, GatewayProcess, async_wait_for
 from gateway.client import AckPolicy, AckSupport, GatewayClient
 from gateway.client.acks import AckTracker
 from gateway.wire import ErrorCode, EventType, Method

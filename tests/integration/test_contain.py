@@ -11,7 +11,7 @@ import textwrap
 
 import psutil
 
-from conftest import wait_for
+from support import wait_for
 from workers import contain
 from workers.process import describe_exit
 

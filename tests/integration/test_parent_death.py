@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import pgid_members
+from support import pgid_members
 from worker_helpers import (  # noqa: F401  (supervisor is a fixture)
     complete_of, is_live, run_turn, supervisor, wait_until)
 from workers.supervisor import ExitStatus, Supervisor

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.config import Config
 from gateway.slash import SlashRunner, SlashState
-from conftest import pgid_members
+from support import pgid_members
 from worker_helpers import cpu_seconds, kept_child
 from test_slash_worker import FAKE_TOKEN, install_test_plugin
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import slash_worker
-from conftest import pgid_members
+from support import pgid_members
 from worker_helpers import cpu_seconds, kept_child
 from workers.channel import FrameDecoder, Kind, control_frame
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import alive, descendants, wait_for_gone
+from support import alive, descendants, wait_for_gone
 from gateway.client.spawn import (
     DEFAULT_GATEWAY_ARGS,
     PACKAGE_ROOT,

@@ -21,7 +21,7 @@ import pytest
 from gateway.store import EventStore, StoreCorrupt, StoreError, StoreLocked
 from gateway.store.sqlite_writer import database_path
 from gateway.wire import ErrorCode
-from tests.conftest import ROOT, alive, async_wait_for, wait_for_gone
+from support import ROOT, alive, async_wait_for, wait_for_gone
 
 DAY = 86400.0
 

@@ -10,7 +10,7 @@ import psutil
 
 from gateway.config import Config, default_state_dir, store_state_dir
 from gateway.store import EventStore
-from tests.conftest import alive
+from support import alive
 
 
 def test_default_state_dir_follows_xdg_state_home() -> None:

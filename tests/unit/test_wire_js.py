@@ -13,7 +13,7 @@ import re
 import pytest
 
 from gateway import wire
-from tests.conftest import ROOT
+from support import ROOT
 
 PROTOCOL_JS = ROOT / "gateway" / "static" / "js" / "protocol.js"
 ENUMS = ("ErrorCode", "EventType", "CloseReason", "TurnStatus", "CloseCode", "Method")
