@@ -37,6 +37,9 @@ _IGNORED = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signa
 _HANDLED = (*_GRACEFUL, END_NOW, signal.SIGCHLD)
 _STEP_POLL_S = 0.01
 _SWEEP_TIMEOUT_S = 5.0
+#: After the sweep, how long to wait for the child's own wait status (it may still be exiting: a process
+#: the scan no longer lists is not always reapable yet).
+_CHILD_STATUS_WAIT_S = 2.0
 _MIN_POLL_S = 0.05
 
 #: In the kept child: the keeper's pid (None in any other process).
@@ -195,7 +198,23 @@ class _Keeper:
                 self._wait_empty(self._step_s)
         contain.kill_session(self._sid, root=self._me, timeout=_SWEEP_TIMEOUT_S, reap=self._reap)
         self._reap()
+        self._wait_child_status()
         return self._child_status
+
+    def _wait_child_status(self) -> None:
+        """Collect the child's status if the sweep finished before it could be reaped: a killed process
+        leaves the scan while the kernel is still tearing it down, and without this the keeper reported
+        its end as "status lost" (255) now and then under load."""
+        deadline = time.monotonic() + _CHILD_STATUS_WAIT_S
+        while self._child_status is None and time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(self._child, os.WNOHANG)
+            except ChildProcessError:
+                return  # reaped elsewhere, or never ours: nothing to wait for
+            if pid == self._child:
+                self._child_status = status
+                return
+            time.sleep(_STEP_POLL_S / 10)
 
     def _targets(self) -> list[contain.ProcInfo]:
         return contain.session_targets(self._sid, root=self._me, exclude=(self._me,))
