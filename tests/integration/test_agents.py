@@ -96,7 +96,7 @@ async def test_shell_cancel_kills_the_command(supervisor: Supervisor) -> None:
             handle.send("cancel", {"turn_id": "t1"})
         if frame.name == "turn.complete":
             break
-    assert start is not None and time.monotonic() - start < 3
+    assert start is not None and time.monotonic() - start < 10  # far below the command's 120 s
     done = complete_of(events)
     assert done["status"] == "interrupted"
     assert "never" not in "".join(texts(events, "tool.output"))
@@ -164,14 +164,16 @@ async def test_load_python_turn_is_cancelled_promptly(supervisor: Supervisor) ->
     handle.send("prompt", {"turn_id": "t1", "text": "cpu_s=30 output_mb=1"})
     events = []
     start = None
+    worker = psutil.Process(handle.pid)
     async for frame in handle.frames():
         events.append((frame.name, json.loads(frame.body)))
         if frame.name == "turn.start":
-            start = time.monotonic()
+            start = sum(worker.cpu_times()[:2])
             handle.send("cancel", {"turn_id": "t1"})
         if frame.name == "turn.complete":
             break
-    assert start is not None and time.monotonic() - start < 2
+    # CPU seconds spent after the cancel (wall-clock stretches on a loaded machine): far below the 30 s.
+    assert start is not None and sum(worker.cpu_times()[:2]) - start < 2
     assert complete_of(events) == {"turn_id": "t1", "status": "interrupted"}
     assert complete_of(await run_turn(handle, "cpu_s=0.01", turn_id="t2"))["status"] == "ok"
 
@@ -203,12 +205,14 @@ async def test_regex_turn_only_notices_cancel_between_calls(supervisor: Supervis
         events.append((frame.name, json.loads(frame.body)))
         if frame.name == "turn.start":
             await wait_until(lambda: sum(worker.cpu_times()[:2]) > 0.3, 10, "the regex to be running")
-            sent = time.monotonic()
+            sent = sum(worker.cpu_times()[:2])
             handle.send("cancel", {"turn_id": "t1"})
         if frame.name == "turn.complete":
             break
     assert sent is not None
-    assert time.monotonic() - sent < 4  # at most one ~1-2 s call, not the 20 s budget
+    # CPU seconds, not wall-clock (a loaded machine stretches the latter): at most the call in progress
+    # (about 1-2 CPU-s), far from the 20 CPU-s budget.
+    assert sum(worker.cpu_times()[:2]) - sent < 4
     assert complete_of(events)["status"] == "interrupted"
 
 
