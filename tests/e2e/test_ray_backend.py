@@ -287,6 +287,95 @@ async def test_gateway_death_ends_its_workers_on_every_node(cluster: Cluster, ra
         await _group_gone(c["worker_pid"], timeout=20.0)
 
 
+def _host_actor_of(pid: int) -> psutil.Process:
+    """The host actor process (``ray::WorkerHost``) that ``pid`` descends from on its node."""
+    for proc in psutil.Process(pid).parents():
+        if _is_host_actor(proc):
+            return proc
+    raise AssertionError(f"process {pid} does not descend from a Ray host actor")
+
+
+def _slash_keepers_under(actor: psutil.Process) -> list[int]:
+    """The slash workers' keepers (their group leaders) among the host actor's descendants."""
+    keepers = []
+    for proc in actor.children(recursive=True):
+        try:
+            if any("slash_worker.py" in part for part in proc.cmdline()) and os.getpgid(proc.pid) == proc.pid:
+                keepers.append(proc.pid)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return keepers
+
+
+async def test_slash_commands_run_on_the_sessions_node_and_end_with_it(cluster: Cluster, ray_gateway: Any) -> None:
+    gw = ray_gateway()
+    async with RpcClient.connect(gw.url()) as client:
+        created = [await client.call("session.create", agent="load") for _ in range(2)]
+        assert len({c["node"] for c in created}) == 2
+        actors = [_host_actor_of(c["worker_pid"]) for c in created]
+        assert actors[0].pid != actors[1].pid
+        keepers: list[int] = []
+        for c, actor in zip(created, actors):
+            assert _slash_keepers_under(actor) == []
+            reply = await client.call("slash.exec", session_id=c["session_id"], command="/status", timeout=60)
+            assert reply["ok"] is True and f"worker pid: {c['worker_pid']}" in reply["output"], reply
+            # Its keeper is a child of the host actor on the session's node, never of the gateway.
+            under = await async_wait_for(lambda: _slash_keepers_under(actor), 10, what="the slash keeper")
+            assert len(under) == 1 and psutil.Process(under[0]).ppid() == actor.pid
+            assert under[0] not in [p.pid for p in psutil.Process(gw.pid).children(recursive=True)]
+            keepers.append(under[0])
+        assert (await client.call("slash.exec", session_id=created[0]["session_id"], command="/help"))["ok"]
+        assert _slash_keepers_under(actors[0]) == keepers[:1]  # persistent: one per session
+        members = [psutil.Process(p) for k in keepers for p in pgid_members(k)]
+        assert members
+        for c in created:
+            await client.call("session.close", session_id=c["session_id"])
+        for keeper in keepers:
+            await _group_gone(keeper)
+        await async_wait_for(lambda: not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in members),
+                             15, what="every slash process gone")
+
+
+async def test_a_dead_host_fails_the_slash_command_and_the_next_one_runs_on_a_live_node(
+        cluster: Cluster, ray_gateway: Any) -> None:
+    gw = ray_gateway()
+    async with RpcClient.connect(gw.url()) as client:
+        created = [await client.call("session.create", agent="load") for _ in range(2)]
+        sid = created[0]["session_id"]
+        actor = _host_actor_of(created[0]["worker_pid"])
+        assert (await client.call("slash.exec", session_id=sid, command="/help", timeout=60))["ok"]
+        keeper = (await async_wait_for(lambda: _slash_keepers_under(actor), 10, what="the slash keeper"))[0]
+        os.kill(actor.pid, signal.SIGKILL)  # the host actor this test's gateway started
+        await _group_gone(keeper)  # its keeper watches the actor: the slash worker ends with it
+        failed = await client.call("slash.exec", session_id=sid, command="/help", timeout=60)
+        assert failed["ok"] is False and "the slash worker died while running /help" in failed["output"], failed
+        assert "Ray node" in failed["output"] and "next command starts a fresh one" in failed["output"]
+        again = await client.call("slash.exec", session_id=sid, command="/help", timeout=60)
+        assert again["ok"] is True, again
+        # On a live host actor of this cluster (the other node's, or the dead one's replacement).
+        assert any(_slash_keepers_under(a) for a in _host_actors(cluster) if a.pid != actor.pid)
+        assert not psutil.pid_exists(actor.pid) or psutil.Process(actor.pid).status() == psutil.STATUS_ZOMBIE
+        results = client.session_events(sid, "slash.result")
+        assert [r["payload"]["ok"] for r in results] == [True, False, True]
+        await client.call("session.close", session_id=sid)
+
+
+def _host_actors(cluster: Cluster) -> list[psutil.Process]:
+    """The host actor processes running on this test's cluster (children of its raylets)."""
+    actors = []
+    for node in [cluster.head_node, *cluster.worker_nodes]:
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        actors += [p for p in raylet.children() if _is_host_actor(p)]
+    return actors
+
+
+def _is_host_actor(proc: psutil.Process) -> bool:
+    try:
+        return any(text.startswith("ray::WorkerHost") for text in (proc.name(), *proc.cmdline()[:1]))
+    except psutil.Error:
+        return False
+
+
 async def test_node_failure_mid_turn_recovers_on_the_other_node(cluster: Cluster, ray_gateway: Any) -> None:
     """Runs last: it removes the cluster's second node."""
     gw = ray_gateway()

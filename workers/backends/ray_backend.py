@@ -28,7 +28,7 @@ from typing import Any
 
 import psutil
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.agents import registry
@@ -351,25 +351,33 @@ class RayBackend:
         already does).  Raises ``OSError`` with the reason when no host can start it."""
         if self._closed or not self._started:
             raise OSError("the Ray worker backend is not running")
-        host = self._hosts.get(node) if node else None
-        if host is None or host.state is not HostState.READY:
-            chosen = choose_node((h.load() for h in self._hosts.values()), sys.maxsize)
-            if chosen is None:
-                raise OSError("no Ray node is ready to run the slash worker")
-            host = self._hosts[chosen]
-        options = self._supervisor_options
-        ref = host.actor.slash_start.remote(cwd, options["watchdog_poll_s"], options["nice"], options["kill_grace_s"])
-        try:
-            result = await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.start_timeout_s + _HOST_TIMEOUT_S)
-        except TimeoutError:
-            self._host_failed(host, "slash worker start timed out")
-            raise OSError(f"the host actor on Ray node {host.node_id[:12]} did not start the slash worker") from None
-        except RayError as exc:
-            self._host_suspect(host)
-            raise OSError(f"the host actor on Ray node {host.node_id[:12]} is gone ({type(exc).__name__})") from None
-        if not result["ok"]:
-            raise OSError(result["message"])
-        return RaySlashWorker(self, host, result["slash_id"], result["pid"])
+        avoid: set[str] = set()
+        while True:  # a host found dead here is skipped: the command starts on a live node if there is one
+            host = self._hosts.get(node) if node and node not in avoid else None
+            if host is None or host.state is not HostState.READY:
+                chosen = choose_node((h.load() for h in self._hosts.values()), sys.maxsize, frozenset(avoid))
+                if chosen is None:
+                    raise OSError("no Ray node is ready to run the slash worker")
+                host = self._hosts[chosen]
+            options = self._supervisor_options
+            ref = host.actor.slash_start.remote(
+                cwd, options["watchdog_poll_s"], options["nice"], options["kill_grace_s"]
+            )
+            try:
+                result = await asyncio.wait_for(
+                    asyncio.wrap_future(ref.future()), self.start_timeout_s + _HOST_TIMEOUT_S
+                )
+            except TimeoutError:
+                self._host_failed(host, "slash worker start timed out")
+                raise OSError(f"the host actor on Ray node {host.node_id[:12]} did not start the slash worker") from None
+            except RayError as exc:
+                self._host_gone_or_suspect(host, exc)
+                logger.warning("node %s failed a slash start (%s): trying another", host.node_id[:12], type(exc).__name__)
+                avoid.add(host.node_id)
+                continue
+            if not result["ok"]:
+                raise OSError(result["message"])
+            return RaySlashWorker(self, host, result["slash_id"], result["pid"])
 
     async def close(self) -> None:
         """Stop every worker and host, leave the cluster, and end a private cluster's processes by pid."""
@@ -539,6 +547,14 @@ class RayBackend:
         """A call to ``host`` failed: check it now instead of at the next heartbeat."""
         if host.state is HostState.READY and not self._closed:
             self._spawn(self._ping(host), f"ray-ping-{host.node_id[:8]}")
+
+    def _host_gone_or_suspect(self, host: _Host, exc: RayError) -> None:
+        """A call failed with ``exc``: a dead actor is failed at once (so the next call goes elsewhere), any
+        other error only makes the host suspect."""
+        if isinstance(exc, ActorDiedError):
+            self._host_failed(host, "actor died")
+        else:
+            self._host_suspect(host)
 
     def _host_failed(self, host: _Host, why: str) -> None:
         if host.state is HostState.FAILED:

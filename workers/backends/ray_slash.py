@@ -111,7 +111,7 @@ class RaySlashWorker:
                 f"the host actor on Ray node {self.node[:12]} did not answer within {timeout:g} s"
             ) from None
         except RayError as exc:
-            self._backend._host_suspect(self._host)
+            self._backend._host_gone_or_suspect(self._host, exc)
             logger.warning("slash worker %d on node %s: %s failed: %s", self._pid, self.node[:12], method,
                            type(exc).__name__)
             raise ConnectionError(
