@@ -287,6 +287,23 @@ async def test_gateway_death_ends_its_workers_on_every_node(cluster: Cluster, ra
         await _group_gone(c["worker_pid"], timeout=20.0)
 
 
+def test_frame_batches_yields_each_generator_items_frames_until_eof(cluster: Cluster, tmp_path: Any) -> None:
+    """RayWorker.frame_batches() directly (tests/e2e/ray_batches_probe.py, its own Ray driver): each item
+    of the host's stream is one non-empty list of decoded frames, in order, nothing lost, and the iterator
+    ends at the worker's EOF.  The gateway's registry still consumes frames(), covered above."""
+    probe = os.path.join(os.path.dirname(__file__), "ray_batches_probe.py")
+    out = subprocess.run([sys.executable, probe, cluster.address, str(tmp_path)], capture_output=True, text=True,
+                         timeout=180, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["node"] in {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
+    assert seen["kinds_ok"] and seen["sizes"] and all(n > 0 for n in seen["sizes"])
+    assert seen["text"] == 2 * _MIB  # 2048 1 KiB events, every one
+    assert len(seen["sizes"]) < sum(seen["sizes"])  # coalesced: several frames per generator item
+    assert seen["after_stop"] == [] and seen["status_pid"] == seen["pid"]
+    assert not pgid_members(seen["pid"])
+
+
 def _host_actor_of(pid: int) -> psutil.Process:
     """The host actor process (``ray::WorkerHost``) that ``pid`` descends from on its node."""
     for proc in psutil.Process(pid).parents():
