@@ -324,13 +324,15 @@ def _slash_keepers_under(actor: psutil.Process) -> list[int]:
     return keepers
 
 
-async def test_slash_commands_run_on_the_sessions_node_and_end_with_it(cluster: Cluster, ray_gateway: Any) -> None:
+async def test_slash_commands_run_on_the_sessions_node_survive_a_dead_host_and_end_with_the_session(
+        cluster: Cluster, ray_gateway: Any) -> None:
     gw = ray_gateway()
     async with RpcClient.connect(gw.url()) as client:
         created = [await client.call("session.create", agent="load") for _ in range(2)]
         assert len({c["node"] for c in created}) == 2
         actors = [_host_actor_of(c["worker_pid"]) for c in created]
         assert actors[0].pid != actors[1].pid
+        gateway_tree = {p.pid for p in psutil.Process(gw.pid).children(recursive=True)}
         keepers: list[int] = []
         for c, actor in zip(created, actors):
             assert _slash_keepers_under(actor) == []
@@ -339,10 +341,28 @@ async def test_slash_commands_run_on_the_sessions_node_and_end_with_it(cluster: 
             # Its keeper is a child of the host actor on the session's node, never of the gateway.
             under = await async_wait_for(lambda: _slash_keepers_under(actor), 10, what="the slash keeper")
             assert len(under) == 1 and psutil.Process(under[0]).ppid() == actor.pid
-            assert under[0] not in [p.pid for p in psutil.Process(gw.pid).children(recursive=True)]
+            assert under[0] not in gateway_tree
             keepers.append(under[0])
-        assert (await client.call("slash.exec", session_id=created[0]["session_id"], command="/help"))["ok"]
+        sid = created[0]["session_id"]
+        assert (await client.call("slash.exec", session_id=sid, command="/help"))["ok"]
         assert _slash_keepers_under(actors[0]) == keepers[:1]  # persistent: one per session
+
+        # The first session's host actor dies: its slash worker ends with it (the keeper watches the
+        # actor), the next command fails cleanly, and the one after runs on a live host actor.
+        os.kill(actors[0].pid, signal.SIGKILL)  # the host actor this test's gateway started
+        await _group_gone(keepers[0])
+        failed = await client.call("slash.exec", session_id=sid, command="/help", timeout=60)
+        assert failed["ok"] is False and "the slash worker died while running /help" in failed["output"], failed
+        assert "Ray node" in failed["output"] and "next command starts a fresh one" in failed["output"]
+        again = await client.call("slash.exec", session_id=sid, command="/help", timeout=60)
+        assert again["ok"] is True, again
+        live = [a for a in _host_actors(cluster) if a.pid != actors[0].pid]
+        restarted = [k for a in live for k in _slash_keepers_under(a) if k not in keepers]
+        assert len(restarted) == 1  # on the other node's host, or the dead one's replacement
+        keepers += restarted
+        assert [r["payload"]["ok"] for r in client.session_events(sid, "slash.result")] == [True, True, False, True]
+
+        # Close: every slash process, on both nodes, is gone.
         members = [psutil.Process(p) for k in keepers for p in pgid_members(k)]
         assert members
         for c in created:
@@ -351,30 +371,6 @@ async def test_slash_commands_run_on_the_sessions_node_and_end_with_it(cluster: 
             await _group_gone(keeper)
         await async_wait_for(lambda: not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in members),
                              15, what="every slash process gone")
-
-
-async def test_a_dead_host_fails_the_slash_command_and_the_next_one_runs_on_a_live_node(
-        cluster: Cluster, ray_gateway: Any) -> None:
-    gw = ray_gateway()
-    async with RpcClient.connect(gw.url()) as client:
-        created = [await client.call("session.create", agent="load") for _ in range(2)]
-        sid = created[0]["session_id"]
-        actor = _host_actor_of(created[0]["worker_pid"])
-        assert (await client.call("slash.exec", session_id=sid, command="/help", timeout=60))["ok"]
-        keeper = (await async_wait_for(lambda: _slash_keepers_under(actor), 10, what="the slash keeper"))[0]
-        os.kill(actor.pid, signal.SIGKILL)  # the host actor this test's gateway started
-        await _group_gone(keeper)  # its keeper watches the actor: the slash worker ends with it
-        failed = await client.call("slash.exec", session_id=sid, command="/help", timeout=60)
-        assert failed["ok"] is False and "the slash worker died while running /help" in failed["output"], failed
-        assert "Ray node" in failed["output"] and "next command starts a fresh one" in failed["output"]
-        again = await client.call("slash.exec", session_id=sid, command="/help", timeout=60)
-        assert again["ok"] is True, again
-        # On a live host actor of this cluster (the other node's, or the dead one's replacement).
-        assert any(_slash_keepers_under(a) for a in _host_actors(cluster) if a.pid != actor.pid)
-        assert not psutil.pid_exists(actor.pid) or psutil.Process(actor.pid).status() == psutil.STATUS_ZOMBIE
-        results = client.session_events(sid, "slash.result")
-        assert [r["payload"]["ok"] for r in results] == [True, False, True]
-        await client.call("session.close", session_id=sid)
 
 
 def _host_actors(cluster: Cluster) -> list[psutil.Process]:
