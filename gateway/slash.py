@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Config
+from workers.backends.slash import LocalSlashBackend, SlashBackend, SlashWorker
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
 from workers.process import describe_exit
-from workers.backends.slash import LocalSlashBackend, SlashBackend, SlashWorker
 
 logger = logging.getLogger("worker_gateway.slash")
 

@@ -369,10 +369,14 @@ class RayBackend:
                 )
             except TimeoutError:
                 self._host_failed(host, "slash worker start timed out")
-                raise OSError(f"the host actor on Ray node {host.node_id[:12]} did not start the slash worker") from None
+                raise OSError(
+                    f"the host actor on Ray node {host.node_id[:12]} did not start the slash worker"
+                ) from None
             except RayError as exc:
                 self._host_gone_or_suspect(host, exc)
-                logger.warning("node %s failed a slash start (%s): trying another", host.node_id[:12], type(exc).__name__)
+                logger.warning(
+                    "node %s failed a slash start (%s): trying another", host.node_id[:12], type(exc).__name__
+                )
                 avoid.add(host.node_id)
                 continue
             if not result["ok"]:

@@ -112,8 +112,9 @@ class RaySlashWorker:
             ) from None
         except RayError as exc:
             self._backend._host_gone_or_suspect(self._host, exc)
-            logger.warning("slash worker %d on node %s: %s failed: %s", self._pid, self.node[:12], method,
-                           type(exc).__name__)
+            logger.warning(
+                "slash worker %d on node %s: %s failed: %s", self._pid, self.node[:12], method, type(exc).__name__
+            )
             raise ConnectionError(
                 f"the host actor on Ray node {self.node[:12]} is gone ({type(exc).__name__})"
             ) from None
