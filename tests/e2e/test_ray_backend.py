@@ -325,10 +325,11 @@ def _slash_keepers_under(actor: psutil.Process) -> list[int]:
 
 
 async def test_slash_commands_run_on_the_sessions_node_survive_a_dead_host_and_end_with_the_session(
-        cluster: Cluster, ray_gateway: Any) -> None:
-    gw = ray_gateway()
+        cluster: Cluster, ray_gateway: Any, tmp_path: Any) -> None:
+    gw = ray_gateway("--slash-timeout-s", "2")
+    (tmp_path / "evil.txt").write_text("a" * 40 + "b\n")  # catastrophic for (a+)+$: holds the GIL for minutes
     async with RpcClient.connect(gw.url()) as client:
-        created = [await client.call("session.create", agent="load") for _ in range(2)]
+        created = [await client.call("session.create", agent="load", cwd=str(tmp_path)) for _ in range(2)]
         assert len({c["node"] for c in created}) == 2
         actors = [_host_actor_of(c["worker_pid"]) for c in created]
         assert actors[0].pid != actors[1].pid
@@ -346,6 +347,16 @@ async def test_slash_commands_run_on_the_sessions_node_survive_a_dead_host_and_e
         sid = created[0]["session_id"]
         assert (await client.call("slash.exec", session_id=sid, command="/help"))["ok"]
         assert _slash_keepers_under(actors[0]) == keepers[:1]  # persistent: one per session
+
+        # A runaway command times out on its node: its worker's group is killed there (while the
+        # gateway's read of its frames is pending on the host) and the next command gets a fresh one.
+        other = created[1]["session_id"]
+        slow = await client.call("slash.exec", session_id=other, command="/grep '(a+)+$' evil.txt", timeout=60)
+        assert slow["ok"] is False and "timed out after 2 s" in slow["output"], slow
+        await _group_gone(keepers[1])
+        assert (await client.call("slash.exec", session_id=other, command="/help", timeout=60))["ok"]
+        keepers[1:] = await async_wait_for(lambda: _slash_keepers_under(actors[1]), 10, what="a fresh slash keeper")
+        assert len(keepers) == 2
 
         # The first session's host actor dies: its slash worker ends with it (the keeper watches the
         # actor), the next command fails cleanly, and the one after runs on a live host actor.
