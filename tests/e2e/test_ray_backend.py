@@ -278,13 +278,16 @@ async def test_gateway_death_ends_its_workers_on_every_node(cluster: Cluster, ra
     async with RpcClient.connect(gw.url()) as client:
         created = [await client.call("session.create", agent="load") for _ in range(2)]
         assert len({c["node"] for c in created}) == 2
+        assert (await client.call("slash.exec", session_id=created[1]["session_id"], command="/help", timeout=60))["ok"]
+        actor = _host_actor_of(created[1]["worker_pid"])
+        (slash_keeper,) = await async_wait_for(lambda: _slash_keepers_under(actor), 10, what="the slash keeper")
         for c in created:
             await client.call("prompt.submit", session_id=c["session_id"], text="cpu_s=60")
             await client.wait_event(c["session_id"], "turn.start")
     assert gw.proc is not None
     os.kill(gw.proc.pid, signal.SIGKILL)
-    for c in created:
-        await _group_gone(c["worker_pid"], timeout=20.0)
+    for pid in [c["worker_pid"] for c in created] + [slash_keeper]:  # the slash worker on its node too
+        await _group_gone(pid, timeout=20.0)
 
 
 def test_frame_batches_yields_each_generator_items_frames_until_eof(cluster: Cluster, tmp_path: Any) -> None:
