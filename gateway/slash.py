@@ -5,6 +5,12 @@ The worker (``slash_worker.py``) starts on the first command, leads its own proc
 command at a time; this side only moves small frames over its pipes on the event loop.  A command that
 outlives ``config.slash_timeout_s`` costs the worker: its group is killed and the next command starts a
 fresh one, so a runaway ``/grep`` can never wedge the session's commands.
+
+Where the worker runs is the backend's business (:mod:`workers.backends.slash`): a child of the gateway
+locally; with the Ray backend, a child of the host actor on the session's node (its pipes relayed by
+actor calls).  This side only sees bytes in and out, so both behave the same, failures included: a
+transport that breaks (a dead node) answers the running command ``ok: false`` and the next command
+starts a fresh worker wherever the backend can place it.
 """
 
 from __future__ import annotations
@@ -12,18 +18,16 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import Config
+from workers.backends.slash import LocalSlashBackend, SlashBackend, SlashWorker
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
 from workers.process import describe_exit
-from workers.slash_process import SlashProcess, start_slash_worker
 
 logger = logging.getLogger("worker_gateway.slash")
-
-_READ_CHUNK = 65536
 
 
 class SlashState(enum.Enum):
@@ -38,7 +42,7 @@ class _WorkerGone(Exception):
 
 @dataclass
 class _Worker:
-    proc: SlashProcess
+    proc: SlashWorker
     decoder: FrameDecoder = field(default_factory=FrameDecoder)
     stopping: asyncio.Task[None] | None = None
 
@@ -50,9 +54,19 @@ class _Worker:
 class SlashRunner:
     """Runs ``/commands`` for one session in its slash worker.  Commands are serialised."""
 
-    def __init__(self, config: Config, cwd: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        cwd: str,
+        backend: SlashBackend | None = None,
+        node: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        """``backend`` starts the worker (default: on this machine); ``node`` names the node the session's
+        agent worker runs on now (asked at each start, so a restart follows the session)."""
         self._config = config
         self._cwd = cwd
+        self._backend: SlashBackend = backend or LocalSlashBackend.from_config(config)
+        self._node = node
         self._lock = asyncio.Lock()
         self._worker: _Worker | None = None
         self._state = SlashState.IDLE
@@ -62,6 +76,11 @@ class SlashRunner:
     def pid(self) -> int | None:
         """The running worker's pid (also its process group id), or None."""
         return self._worker.pid if self._worker is not None else None
+
+    @property
+    def node(self) -> str | None:
+        """Where the running worker is (the Ray node id), or None (this machine, or no worker)."""
+        return self._worker.proc.node if self._worker is not None else None
 
     @property
     def state(self) -> SlashState:
@@ -121,18 +140,12 @@ class SlashRunner:
             return self._worker
         if self._worker is not None:  # died between commands: make sure nothing of its group is left
             await self._stop(self._worker, grace_s=0.0)
-        proc = await start_slash_worker(
-            cwd=self._cwd,
-            gateway_pid=os.getpid(),
-            poll_s=self._config.watchdog_poll_s,
-            nice=self._config.worker_nice,
-            kill_grace_s=self._config.kill_grace_s,
-        )
+        proc = await self._backend.start_slash(self._cwd, self._node())
         worker = _Worker(proc)
         self._worker = worker
         try:
             await asyncio.wait_for(self._await_ready(worker), self._config.worker_start_timeout_s)
-        except (TimeoutError, _WorkerGone, ChannelError) as exc:
+        except (TimeoutError, _WorkerGone, ChannelError, ConnectionError) as exc:
             await self._stop(worker, grace_s=0.0)
             raise OSError(f"the slash worker did not become ready ({type(exc).__name__})") from None
         if self._state is SlashState.CLOSED:  # close() ran while the worker was starting
@@ -142,10 +155,8 @@ class SlashRunner:
         return worker
 
     async def _await_ready(self, worker: _Worker) -> None:
-        stdout = worker.proc.stdout
-        assert stdout is not None
         while True:
-            data = await stdout.read(_READ_CHUNK)
+            data = await worker.proc.read()
             if not data:
                 raise _WorkerGone()
             if any(f.kind is Kind.CONTROL and f.name == "ready" for f in worker.decoder.feed(data)):
@@ -155,15 +166,13 @@ class SlashRunner:
         self, worker: _Worker, request_id: int, command: str, snapshot: dict[str, Any]
     ) -> dict[str, Any]:
         proc = worker.proc
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(
+        await proc.write(
             control_frame(
                 "exec", {"id": request_id, "command": command, "cwd": self._cwd, "snapshot": _plain(snapshot)}
             )
         )
-        await proc.stdin.drain()
         while True:
-            data = await proc.stdout.read(_READ_CHUNK)
+            data = await proc.read()
             if not data:
                 await proc.wait()
                 raise _WorkerGone()

@@ -19,7 +19,10 @@ WORKER_SCRIPT = Path(__file__).resolve().parent.parent / "slash_worker.py"
 
 
 class SlashProcess:
-    """A started slash worker: its pipes (``stdin`` requests, ``stdout`` frames) and its one way to end."""
+    """A started slash worker: its pipes (``stdin`` requests, ``stdout`` frames) and its one way to end.
+    The local :class:`workers.backends.slash.SlashWorker`; the Ray host actor holds one per remote worker."""
+
+    node: str | None = None  #: this machine
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self._proc = proc
@@ -38,6 +41,17 @@ class SlashProcess:
 
     async def wait(self) -> int:
         return await self._proc.wait()
+
+    async def write(self, data: bytes) -> None:
+        """Hand request frames to its stdin (raises ``ConnectionError`` when the pipe is broken)."""
+        assert self.stdin is not None
+        self.stdin.write(data)
+        await self.stdin.drain()
+
+    async def read(self, max_bytes: int = 65536) -> bytes:
+        """The next bytes of its frame stream, ``b""`` at EOF."""
+        assert self.stdout is not None
+        return await self.stdout.read(max_bytes)
 
     def kill(self) -> None:
         """End the worker and everything it started, now (non-blocking)."""

@@ -853,10 +853,12 @@ class SessionRegistry:
     # Slash commands ------------------------------------------------------------------------------------
     async def slash_exec(self, session_id: str, command: str) -> dict[str, Any]:
         from gateway.slash import SlashRunner
+        from workers.backends.slash import slash_backend_for
 
         session = self.get(session_id)
-        if session.slash is None:
-            session.slash = SlashRunner(self.config, session.cwd)
+        if session.slash is None:  # on the node of the session's agent worker (the Ray backend)
+            node = lambda: session.slot.worker.node if session.slot.worker is not None else None  # noqa: E731
+            session.slash = SlashRunner(self.config, session.cwd, slash_backend_for(self.backend, self.config), node)
         session.touch()
         result = await session.slash.exec(command, session.snapshot())
         if session.live:  # part of the session's history: it replays like every other event

@@ -278,13 +278,129 @@ async def test_gateway_death_ends_its_workers_on_every_node(cluster: Cluster, ra
     async with RpcClient.connect(gw.url()) as client:
         created = [await client.call("session.create", agent="load") for _ in range(2)]
         assert len({c["node"] for c in created}) == 2
+        assert (await client.call("slash.exec", session_id=created[1]["session_id"], command="/help", timeout=60))["ok"]
+        actor = _host_actor_of(created[1]["worker_pid"])
+        (slash_keeper,) = await async_wait_for(lambda: _slash_keepers_under(actor), 10, what="the slash keeper")
         for c in created:
             await client.call("prompt.submit", session_id=c["session_id"], text="cpu_s=60")
             await client.wait_event(c["session_id"], "turn.start")
     assert gw.proc is not None
     os.kill(gw.proc.pid, signal.SIGKILL)
-    for c in created:
-        await _group_gone(c["worker_pid"], timeout=20.0)
+    for pid in [c["worker_pid"] for c in created] + [slash_keeper]:  # the slash worker on its node too
+        await _group_gone(pid, timeout=20.0)
+
+
+def test_frame_batches_yields_each_generator_items_frames_until_eof(cluster: Cluster, tmp_path: Any) -> None:
+    """RayWorker.frame_batches() directly (tests/e2e/ray_batches_probe.py, its own Ray driver): each item
+    of the host's stream is one non-empty list of decoded frames, in order, nothing lost, and the iterator
+    ends at the worker's EOF.  The gateway's registry still consumes frames(), covered above."""
+    probe = os.path.join(os.path.dirname(__file__), "ray_batches_probe.py")
+    out = subprocess.run([sys.executable, probe, cluster.address, str(tmp_path)], capture_output=True, text=True,
+                         timeout=180, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["node"] in {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
+    assert seen["kinds_ok"] and seen["sizes"] and all(n > 0 for n in seen["sizes"])
+    assert seen["text"] == 2 * _MIB  # 2048 1 KiB events, every one
+    assert len(seen["sizes"]) < sum(seen["sizes"])  # coalesced: several frames per generator item
+    assert seen["after_stop"] == [] and seen["status_pid"] == seen["pid"]
+    assert not pgid_members(seen["pid"])
+
+
+def _host_actor_of(pid: int) -> psutil.Process:
+    """The host actor process (``ray::WorkerHost``) that ``pid`` descends from on its node."""
+    for proc in psutil.Process(pid).parents():
+        if _is_host_actor(proc):
+            return proc
+    raise AssertionError(f"process {pid} does not descend from a Ray host actor")
+
+
+def _slash_keepers_under(actor: psutil.Process) -> list[int]:
+    """The slash workers' keepers (their group leaders) among the host actor's descendants."""
+    keepers = []
+    for proc in actor.children(recursive=True):
+        try:
+            if any("slash_worker.py" in part for part in proc.cmdline()) and os.getpgid(proc.pid) == proc.pid:
+                keepers.append(proc.pid)
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return keepers
+
+
+async def test_slash_commands_run_on_the_sessions_node_survive_a_dead_host_and_end_with_the_session(
+        cluster: Cluster, ray_gateway: Any, tmp_path: Any) -> None:
+    gw = ray_gateway("--slash-timeout-s", "2")
+    (tmp_path / "evil.txt").write_text("a" * 40 + "b\n")  # catastrophic for (a+)+$: holds the GIL for minutes
+    async with RpcClient.connect(gw.url()) as client:
+        created = [await client.call("session.create", agent="load", cwd=str(tmp_path)) for _ in range(2)]
+        assert len({c["node"] for c in created}) == 2
+        actors = [_host_actor_of(c["worker_pid"]) for c in created]
+        assert actors[0].pid != actors[1].pid
+        gateway_tree = {p.pid for p in psutil.Process(gw.pid).children(recursive=True)}
+        keepers: list[int] = []
+        for c, actor in zip(created, actors):
+            assert _slash_keepers_under(actor) == []
+            reply = await client.call("slash.exec", session_id=c["session_id"], command="/status", timeout=60)
+            assert reply["ok"] is True and f"worker pid: {c['worker_pid']}" in reply["output"], reply
+            # Its keeper is a child of the host actor on the session's node, never of the gateway.
+            under = await async_wait_for(lambda: _slash_keepers_under(actor), 10, what="the slash keeper")
+            assert len(under) == 1 and psutil.Process(under[0]).ppid() == actor.pid
+            assert under[0] not in gateway_tree
+            keepers.append(under[0])
+        sid = created[0]["session_id"]
+        assert (await client.call("slash.exec", session_id=sid, command="/help"))["ok"]
+        assert _slash_keepers_under(actors[0]) == keepers[:1]  # persistent: one per session
+
+        # A runaway command times out on its node: its worker's group is killed there (while the
+        # gateway's read of its frames is pending on the host) and the next command gets a fresh one.
+        other = created[1]["session_id"]
+        slow = await client.call("slash.exec", session_id=other, command="/grep '(a+)+$' evil.txt", timeout=60)
+        assert slow["ok"] is False and "timed out after 2 s" in slow["output"], slow
+        await _group_gone(keepers[1])
+        assert (await client.call("slash.exec", session_id=other, command="/help", timeout=60))["ok"]
+        keepers[1:] = await async_wait_for(lambda: _slash_keepers_under(actors[1]), 10, what="a fresh slash keeper")
+        assert len(keepers) == 2
+
+        # The first session's host actor dies: its slash worker ends with it (the keeper watches the
+        # actor), the next command fails cleanly, and the one after runs on a live host actor.
+        os.kill(actors[0].pid, signal.SIGKILL)  # the host actor this test's gateway started
+        await _group_gone(keepers[0])
+        failed = await client.call("slash.exec", session_id=sid, command="/help", timeout=60)
+        assert failed["ok"] is False and "the slash worker died while running /help" in failed["output"], failed
+        assert "Ray node" in failed["output"] and "next command starts a fresh one" in failed["output"]
+        again = await client.call("slash.exec", session_id=sid, command="/help", timeout=60)
+        assert again["ok"] is True, again
+        live = [a for a in _host_actors(cluster) if a.pid != actors[0].pid]
+        restarted = [k for a in live for k in _slash_keepers_under(a) if k not in keepers]
+        assert len(restarted) == 1  # on the other node's host, or the dead one's replacement
+        keepers += restarted
+        assert [r["payload"]["ok"] for r in client.session_events(sid, "slash.result")] == [True, True, False, True]
+
+        # Close: every slash process, on both nodes, is gone.
+        members = [psutil.Process(p) for k in keepers for p in pgid_members(k)]
+        assert members
+        for c in created:
+            await client.call("session.close", session_id=c["session_id"])
+        for keeper in keepers:
+            await _group_gone(keeper)
+        await async_wait_for(lambda: not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in members),
+                             15, what="every slash process gone")
+
+
+def _host_actors(cluster: Cluster) -> list[psutil.Process]:
+    """The host actor processes running on this test's cluster (children of its raylets)."""
+    actors = []
+    for node in [cluster.head_node, *cluster.worker_nodes]:
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        actors += [p for p in raylet.children() if _is_host_actor(p)]
+    return actors
+
+
+def _is_host_actor(proc: psutil.Process) -> bool:
+    try:
+        return any(text.startswith("ray::WorkerHost") for text in (proc.name(), *proc.cmdline()[:1]))
+    except psutil.Error:
+        return False
 
 
 async def test_node_failure_mid_turn_recovers_on_the_other_node(cluster: Cluster, ray_gateway: Any) -> None:

@@ -5,7 +5,8 @@ runs the ordinary local supervisor, so a worker is still a forked child with its
 watchdog, handed out in milliseconds; one streaming generator per worker life carries its raw frames in
 batches, **always** with generator backpressure, so a slow client still ends up blocking the worker's pipe;
 control frames and stops are actor method calls, done inside the host.  ``ray.kill`` and a new host are
-only for a host that stops answering.
+only for a host that stops answering.  A session's slash worker runs on its node too, started by the same
+host actor (:mod:`workers.backends.ray_slash`).
 
 Importing this module imports Ray: :func:`workers.backends.create_backend` does it only for
 ``--backend ray``.  Never Ray Client (``ray://``: no streaming generators), never ``address="auto"``,
@@ -19,6 +20,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from typing import Any
 
 import psutil
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.agents import registry
@@ -34,6 +36,7 @@ from workers.backends.ray_env import is_loopback, prepare_ray_environment
 from workers.backends.ray_errors import BackendUnavailable
 from workers.backends.ray_host import WorkerHost, pid_space
 from workers.backends.ray_placement import HostLoad, HostState, choose_node, no_room_message
+from workers.backends.ray_slash import RaySlashWorker
 from workers.channel import ChannelError, Frame, FrameDecoder
 from workers.supervisor import ExitStatus, UnknownAgentError, WorkerStartError
 
@@ -84,6 +87,7 @@ class RayWorker:
         self._pid = pid
         self.agent = agent
         self._frames: Any = None
+        self._batches: Any = None
         self._stopping: asyncio.Task[ExitStatus] | None = None
         self._ended = asyncio.Event()
 
@@ -105,9 +109,22 @@ class RayWorker:
         self._host.actor.send.remote(self.worker_id, str(op), body)  # ordered per caller; result unused
 
     def frames(self) -> Any:
+        """The worker's frames one by one (the same stream as :meth:`frame_batches`: use one of them)."""
         if self._frames is None:
-            self._frames = self._iterate()
+            self._frames = self._flatten()
         return self._frames
+
+    def frame_batches(self) -> Any:
+        """The worker's frames as the lists decoded from each generator item (one batch of up to
+        ``ray_host.BATCH_BYTES``), until EOF; same EOF and error semantics as :meth:`frames`."""
+        if self._batches is None:
+            self._batches = self._iterate()
+        return self._batches
+
+    async def _flatten(self) -> Any:
+        async for batch in self.frame_batches():
+            for frame in batch:
+                yield frame
 
     async def _iterate(self) -> Any:
         stream = self._host.actor.stream.options(_generator_backpressure_num_objects=BACKPRESSURE_OBJECTS).remote(
@@ -120,8 +137,8 @@ class RayWorker:
                 if isinstance(item, str):
                     raise ChannelError(item)
                 frames: list[Frame] = decoder.feed(item)
-                for frame in frames:
-                    yield frame
+                if frames:
+                    yield frames
         except RayError as exc:  # the host (or its node) died: EOF for the session, a death to report
             logger.warning(
                 "worker %s on node %s: stream lost: %s", self.worker_id[:8], self.node[:12], type(exc).__name__
@@ -328,6 +345,44 @@ class RayBackend:
             self._observe(loop.time() - began)
             return worker
 
+    async def start_slash(self, cwd: str, node: str | None = None) -> RaySlashWorker:
+        """A session's slash worker on ``node`` (its agent worker's) when that host is ready, else on the
+        node placement picks (slash workers do not count against ``ray_sessions_per_node``: their session
+        already does).  Raises ``OSError`` with the reason when no host can start it."""
+        if self._closed or not self._started:
+            raise OSError("the Ray worker backend is not running")
+        avoid: set[str] = set()
+        while True:  # a host found dead here is skipped: the command starts on a live node if there is one
+            host = self._hosts.get(node) if node and node not in avoid else None
+            if host is None or host.state is not HostState.READY:
+                chosen = choose_node((h.load() for h in self._hosts.values()), sys.maxsize, frozenset(avoid))
+                if chosen is None:
+                    raise OSError("no Ray node is ready to run the slash worker")
+                host = self._hosts[chosen]
+            options = self._supervisor_options
+            ref = host.actor.slash_start.remote(
+                cwd, options["watchdog_poll_s"], options["nice"], options["kill_grace_s"]
+            )
+            try:
+                result = await asyncio.wait_for(
+                    asyncio.wrap_future(ref.future()), self.start_timeout_s + _HOST_TIMEOUT_S
+                )
+            except TimeoutError:
+                self._host_failed(host, "slash worker start timed out")
+                raise OSError(
+                    f"the host actor on Ray node {host.node_id[:12]} did not start the slash worker"
+                ) from None
+            except RayError as exc:
+                self._host_gone_or_suspect(host, exc)
+                logger.warning(
+                    "node %s failed a slash start (%s): trying another", host.node_id[:12], type(exc).__name__
+                )
+                avoid.add(host.node_id)
+                continue
+            if not result["ok"]:
+                raise OSError(result["message"])
+            return RaySlashWorker(self, host, result["slash_id"], result["pid"])
+
     async def close(self) -> None:
         """Stop every worker and host, leave the cluster, and end a private cluster's processes by pid."""
         if self._closed:
@@ -496,6 +551,14 @@ class RayBackend:
         """A call to ``host`` failed: check it now instead of at the next heartbeat."""
         if host.state is HostState.READY and not self._closed:
             self._spawn(self._ping(host), f"ray-ping-{host.node_id[:8]}")
+
+    def _host_gone_or_suspect(self, host: _Host, exc: RayError) -> None:
+        """A call failed with ``exc``: a dead actor is failed at once (so the next call goes elsewhere), any
+        other error only makes the host suspect."""
+        if isinstance(exc, ActorDiedError):
+            self._host_failed(host, "actor died")
+        else:
+            self._host_suspect(host)
 
     def _host_failed(self, host: _Host, why: str) -> None:
         if host.state is HostState.FAILED:

@@ -6,6 +6,10 @@ node or ``ray.kill``, ends every worker it started).  The actor only moves bytes
 per worker life yields the worker's frames re-encoded and coalesced into batches; control frames arrive
 as method calls; interrupts and stops kill the worker's group here, on its own node.
 
+It also runs the sessions' slash workers on this node (``slash_worker.py`` started exactly as the local
+backend starts it, under its keeper, watching *this* process), and relays their pipes: a call per request
+write, a call per bounded read of the frames.  The slash worker never runs in the actor's process either.
+
 It also watches its driver (the gateway): when the driver's process is gone (same node) or its heartbeat
 stops (any node), the actor ends its workers and exits, so a dead gateway leaves nothing running.
 
@@ -25,12 +29,17 @@ from typing import Any, cast
 import psutil
 
 from workers.channel import ChannelError, FrameReader, encode_frame
+from workers.slash_process import SlashProcess, start_slash_worker
 from workers.supervisor import Supervisor, UnknownAgentError, WorkerHandle, WorkerStartError
 
 logger = logging.getLogger("worker_gateway.ray_host")
 
 #: Largest batch of frames one generator item carries (a few hundred KiB: fewer, larger Ray objects).
 BATCH_BYTES = 256 * 1024
+#: Largest read of a slash worker's frames one call returns.
+SLASH_READ_BYTES = 64 * 1024
+#: How long a slash read that met EOF waits for the keeper's exit status.
+_SLASH_EXIT_WAIT_S = 5.0
 #: How often the driver watch runs.
 _WATCH_PERIOD_S = 0.2
 
@@ -46,6 +55,8 @@ class WorkerHost:
         self._driver_pid_space = driver_pid_space
         self._orphan_timeout_s = orphan_timeout_s
         self._workers: dict[str, WorkerHandle] = {}
+        self._slash: dict[str, SlashProcess] = {}
+        self._slash_closing: set[asyncio.Task[Any]] = set()
         self._last_ping = time.monotonic()
         self._watch: asyncio.Task[None] | None = None
         self._node_id = ""
@@ -117,9 +128,68 @@ class WorkerHost:
         status = await handle.stop()
         return status.pid, status.returncode, status.signal
 
+    # -- slash workers -----------------------------------------------------------------------------------
+
+    async def slash_start(self, cwd: str, poll_s: float, nice: int, kill_grace_s: float) -> dict[str, Any]:
+        """Start a session's slash worker here, as ``{"ok": True, "slash_id", "pid", "node_id"}`` or
+        ``{"ok": False, "message"}``.  Its keeper watches this actor's pid: the actor's death ends it."""
+        try:
+            proc = await start_slash_worker(
+                cwd=cwd, gateway_pid=os.getpid(), poll_s=poll_s, nice=nice, kill_grace_s=kill_grace_s
+            )
+        except OSError as exc:
+            return {"ok": False, "message": f"{type(exc).__name__}: {exc}"}
+        slash_id = uuid.uuid4().hex
+        self._slash[slash_id] = proc
+        return {"ok": True, "slash_id": slash_id, "pid": proc.pid, "node_id": self._node_id}
+
+    async def slash_write(self, slash_id: str, data: bytes) -> str | None:
+        """Hand request frames to the worker's stdin; None, or why it could not be done."""
+        proc = self._slash.get(slash_id)
+        if proc is None:
+            return "the slash worker is gone"
+        try:
+            await proc.write(data)
+        except (ConnectionError, RuntimeError) as exc:
+            return f"the slash worker's request pipe broke ({type(exc).__name__})"
+        return None
+
+    async def slash_read(self, slash_id: str) -> tuple[bytes, int | None]:
+        """The next bytes of the worker's frames (at most :data:`SLASH_READ_BYTES`), and at EOF (``b""``)
+        its exit status when it has one."""
+        proc = self._slash.get(slash_id)
+        if proc is None:
+            return b"", None
+        data = await proc.read(SLASH_READ_BYTES)
+        if data:
+            return data, None
+        try:
+            return b"", await asyncio.wait_for(proc.wait(), _SLASH_EXIT_WAIT_S)
+        except TimeoutError:
+            return b"", None
+
+    async def slash_stop(self, slash_id: str, grace_s: float) -> int | None:
+        """End the slash worker and everything it started (keeper sequence and session sweep)."""
+        proc = self._slash.pop(slash_id, None)
+        if proc is None:
+            return None
+        return await proc.aclose(grace_s)
+
+    async def slash_kill(self, slash_id: str) -> None:
+        """End it now (the caller does not wait); reaped and swept in the background."""
+        proc = self._slash.pop(slash_id, None)
+        if proc is None:
+            return
+        proc.kill()
+        task = asyncio.get_running_loop().create_task(proc.aclose(0.0))
+        self._slash_closing.add(task)
+        task.add_done_callback(self._slash_closing.discard)
+
     async def close(self) -> None:
-        """Stop every worker and the forkserver (the gateway's shutdown)."""
+        """Stop every worker, slash worker and the forkserver (the gateway's shutdown)."""
         self._workers.clear()
+        slash, self._slash = list(self._slash.values()), {}
+        await asyncio.gather(*(p.aclose(0.0) for p in slash), *self._slash_closing, return_exceptions=True)
         await self._supervisor.close()
 
     async def _watch_driver(self) -> None:
@@ -138,6 +208,8 @@ class WorkerHost:
                 )
                 for handle in list(self._workers.values()):
                     handle.kill()
+                for proc in list(self._slash.values()):
+                    proc.kill()
                 os._exit(0)
 
 
