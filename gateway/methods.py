@@ -44,9 +44,10 @@ class CallContext:
 
 @dataclass(frozen=True)
 class Frames:
-    """A reply made of pre-encoded frames, queued in order in one step; ``then`` runs right after."""
+    """A reply made of pre-encoded frames (``str``, or UTF-8 ``bytes``), queued in order in one step;
+    ``then`` runs right after."""
 
-    frames: list[str]
+    frames: list[str | bytes]
     then: Callable[[], None] | None = None
 
 
