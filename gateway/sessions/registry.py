@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway import rpc
