@@ -43,7 +43,9 @@ class EventStream:
         """Assign the next seq to an event whose payload is already encoded; returns its frame, UTF-8 bytes
         that the log, the store and the socket share (a worker's invalid UTF-8 is replaced, once, here)."""
         self.seq += 1
-        frame = rpc.wrap_event(event_type, rpc.valid_utf8(payload_json), self.session_id, self.seq)
+        # The envelope is ASCII: checking the whole frame is checking the payload, and it accepts any
+        # bytes-like payload (a slice of a reader's buffer).
+        frame = rpc.valid_utf8(rpc.wrap_event(event_type, payload_json, self.session_id, self.seq))
         self.log.append(self.seq, event_type, frame)
         return frame
 

@@ -35,3 +35,10 @@ def test_produce_keeps_the_same_bytes_in_the_log_as_it_returns() -> None:
     assert frame.endswith('"payload":{"text":"bad \ufffd"}}}'.encode())
     ok = stream.produce("message.delta", b'{"text":"fine"}')
     assert ok == b'{"jsonrpc":"2.0","method":"event","params":{"type":"message.delta","session_id":"s1","seq":2,"payload":{"text":"fine"}}}'
+
+
+def test_produce_accepts_a_memoryview_payload() -> None:
+    stream = EventStream("s1", MemoryEventLog(100, 10**6), reader_max_events=50, reader_max_bytes=10**6)
+    buffer = bytearray(b'xx{"text":"caf\xc3\xa9 \xff"}yy')
+    frame = stream.produce("message.delta", memoryview(buffer)[2:-2])
+    assert frame.endswith('"payload":{"text":"café \ufffd"}}}'.encode())
