@@ -96,14 +96,15 @@ class Connection:
         """Whether frames go out coalesced through the protocol's sink (else one ``send_text`` each)."""
         return self._sink is not None
 
-    def _outbound(self) -> int:
+    @property
+    def outbound_bytes(self) -> int:
         """Bytes queued here plus those the transport holds: what the budget bounds."""
         sink = self._sink
         return self._buffered + (sink.buffered() if sink is not None else 0)
 
     @property
     def has_room(self) -> bool:
-        return self.state is ConnectionState.OPEN and self._outbound() < self.max_buffered_bytes
+        return self.state is ConnectionState.OPEN and self.outbound_bytes < self.max_buffered_bytes
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -146,7 +147,7 @@ class Connection:
         data = frame if isinstance(frame, bytes) else rpc.text_bytes(frame)
         self._queue.append((data, on_sent, seq))
         self._buffered += len(data)
-        outbound = self._outbound()
+        outbound = self.outbound_bytes
         if outbound >= self._low_water:
             self._drain_owed = True
             if outbound >= self.max_buffered_bytes:
@@ -165,7 +166,7 @@ class Connection:
 
     def _progress(self) -> None:
         """After frames left the queue or the transport drained: reopen the budget, call drain listeners."""
-        outbound = self._outbound()
+        outbound = self.outbound_bytes
         if outbound < self.max_buffered_bytes:
             self._room.set()
         if self._drain_owed and outbound < self._low_water:

@@ -133,7 +133,7 @@ class Flood(Script):
             if conn.has_room:
                 self.sent += 1
                 conn.send(chunk, self.settled.append, self.sent)
-                self.peak_outbound = max(self.peak_outbound, conn._outbound())
+                self.peak_outbound = max(self.peak_outbound, conn.outbound_bytes)
             else:
                 await asyncio.wait_for(conn.wait_for_room(), 30)
             if self.sent % 8 == 0:
