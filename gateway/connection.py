@@ -140,8 +140,9 @@ class Connection:
     def send(self, frame: str | bytes, on_sent: Settler | None = None, seq: int = 0) -> None:
         """Enqueue one text frame (``str`` is encoded here, once).  Never waits: callers that relay bulk data
         check :attr:`has_room` first.  ``on_sent(seq)`` runs once the frame has been handed to the socket
-        (never if the connection drops first); consecutive frames with equal settlers are settled with one
-        call for the batch's last seq: sessions use it to know which events may leave the replay buffer."""
+        (never if the connection drops first); frames with equal settlers (one session's) are settled with
+        one call per batch, for the batch's last seq: sessions use it to know which events may leave the
+        replay buffer.  Seqs must ascend per settler."""
         if self.state is not ConnectionState.OPEN:
             return
         data = frame if isinstance(frame, bytes) else rpc.text_bytes(frame)
@@ -176,17 +177,22 @@ class Connection:
 
     @staticmethod
     def _settle(items: list[tuple[bytes, Settler | None, int]]) -> None:
-        """One call per run of frames with the same settler, with the run's last seq."""
+        """One call per settler (session) with its last seq in the batch, however the sessions interleave."""
+        last: dict[Settler, int] = {}
         pending: Settler | None = None
         pending_seq = 0
         for _, settler, seq in items:
             if settler is None:
                 continue
-            if pending is not None and settler is not pending and settler != pending:
-                pending(pending_seq)
-            pending, pending_seq = settler, seq
+            if settler is not pending:  # a run of one session's events costs one dict update, not one each
+                if pending is not None:
+                    last[pending] = pending_seq
+                pending = settler
+            pending_seq = seq
         if pending is not None:
-            pending(pending_seq)
+            last[pending] = pending_seq
+        for settler, seq in last.items():
+            settler(seq)
 
     async def _send_loop(self) -> None:
         try:

@@ -119,6 +119,34 @@ async def test_frames_arrive_unchanged_in_order_and_are_settled(path: str) -> No
         assert script.settled == list(range(1, len(FRAMES) + 1))
 
 
+class Interleaved(Script):
+    """Two sessions' events alternating on one connection, each with its own settler."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.by_session: dict[str, list[int]] = {"a": [], "b": []}
+
+    async def run(self, conn: Connection) -> None:
+        for seq in range(1, self.count + 1):
+            for name, settled in self.by_session.items():
+                conn.send(b'{"s":"%s","seq":%d}' % (name.encode(), seq), settled.append, seq)
+        while (await conn.websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_interleaved_sessions_are_each_settled_once_per_batch(path: str) -> None:
+    script = Interleaved(40)
+    async with serve(path, script) as url, websockets.connect(url, max_size=None) as client:
+        received = [await asyncio.wait_for(client.recv(), 10) for _ in range(80)]
+        assert received == [f'{{"s":"{n}","seq":{seq}}}' for seq in range(1, 41) for n in "ab"]
+        await async_wait_for(lambda: all(s and s[-1] == 40 for s in script.by_session.values()), 10,
+                             what="both settled")
+    for settled in script.by_session.values():
+        assert settled == ([40] if path == "coalesced" else list(range(1, 41)))
+
+
 class Flood(Script):
     """Push 64 KiB frames whenever the budget has room; record the most ever held outbound."""
 
