@@ -10,7 +10,7 @@ they use through :class:`Components`, never the whole application.
 from __future__ import annotations
 
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +44,10 @@ class CallContext:
 
 @dataclass(frozen=True)
 class Frames:
-    """A reply made of pre-encoded frames, queued in order in one step; ``then`` runs right after."""
+    """A reply made of pre-encoded frames (``str``, or UTF-8 ``bytes``), queued in order in one step;
+    ``then`` runs right after."""
 
-    frames: list[str]
+    frames: Sequence[str | bytes]
     then: Callable[[], None] | None = None
 
 

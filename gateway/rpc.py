@@ -338,3 +338,24 @@ def wrap_event(event_type: str, payload_json: bytes, session_id: str, seq: int) 
             b"}}",
         )
     )
+
+
+def valid_utf8(data: bytes) -> bytes:
+    """``data`` if it is valid UTF-8, else with the bad sequences replaced (U+FFFD): a text frame must be
+    valid UTF-8 and a worker's payload is untrusted.  ASCII (most events) is checked in one fast pass."""
+    if data.isascii():
+        return data
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace").encode("utf-8")
+    return data
+
+
+def text_bytes(text: str) -> bytes:
+    """A frame the gateway built as ``str``, encoded once; an unpaired surrogate (from a peer's string that
+    is not valid Unicode) costs that frame its bad characters (``?``), never the connection."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")

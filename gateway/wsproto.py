@@ -7,6 +7,11 @@ and changes what a missed pong does: uvicorn sends a close frame and closes the 
 which waits for the write buffer to drain, and a peer that stopped reading never drains it (its socket
 then stays until the kernel gives up).  Here the transport is aborted: the socket goes at once and the
 app sees the disconnect, so the peer's sessions are detached and reaped by the normal rules.
+
+It also offers the app a :class:`gateway.wsframes.FrameSink` in the scope's extensions
+(:data:`gateway.wsframes.SCOPE_EXTENSION`): ready-made text frames written to the transport in one
+``writelines`` while the connection is open, with the transport's pause/resume as flow control, instead
+of one ASGI ``websocket.send`` (and one socket write) per frame.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from typing import Any, ClassVar
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
+from websockets.protocol import State
 
-from gateway import keepalive
+from gateway import keepalive, wsframes
 from gateway.config import Config
 from gateway.ratelog import RateLimitedLog
 
@@ -56,6 +62,8 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
         scope = getattr(self, "scope", None)
         if scope is not None:  # None when the handshake itself was malformed (answered 400 by websockets)
             scope["extensions"][keepalive.SCOPE_EXTENSION] = keepalive.to_scope(policy)
+            if not self.conn.extensions:  # a negotiated extension (e.g. compression) would change the frames
+                scope["extensions"][wsframes.SCOPE_EXTENSION] = ProtocolFrameSink(self)
 
     def _peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "peer"
@@ -126,6 +134,53 @@ class GatewayWebSocketProtocol(WebSocketsSansIOProtocol):
             self._linger_timer.cancel()
             self._linger_timer = None
         super().connection_lost(exc)
+
+
+class ProtocolFrameSink:
+    """:class:`gateway.wsframes.FrameSink` over one connection's transport.
+
+    Frames go straight to the transport, past the websockets state machine: that is sound because they are
+    whole unfragmented text frames (nothing for the state machine to track), they are written only in the
+    OPEN state before any close frame, and uvicorn writes its own frames (pings, pongs, close) to the
+    same transport at frame boundaries, since every write here is whole frames."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: GatewayWebSocketProtocol) -> None:
+        self._protocol = protocol
+
+    @property
+    def open(self) -> bool:
+        protocol = self._protocol
+        return (
+            protocol.handshake_complete
+            and not protocol.close_sent
+            and not protocol.disconnected
+            and protocol.conn.state is State.OPEN
+            and not protocol.transport.is_closing()
+        )
+
+    @property
+    def paused(self) -> bool:
+        return not self._protocol.writable.is_set()
+
+    def buffered(self) -> int:
+        return self._protocol.transport.get_write_buffer_size()
+
+    def limit_buffer(self, high: int) -> None:
+        transport = self._protocol.transport
+        _, current = transport.get_write_buffer_limits()
+        if high < current:
+            transport.set_write_buffer_limits(high=high)
+
+    async def wait_writable(self) -> None:
+        await self._protocol.writable.wait()
+
+    def write_text(self, payloads: list[bytes]) -> int:
+        if not self.open:
+            raise ConnectionError("the WebSocket is closing or closed")
+        self._protocol.transport.writelines(wsframes.text_frame_parts(payloads))
+        return sum(map(len, payloads))
 
 
 def protocol_class(config: Config) -> type[GatewayWebSocketProtocol]:

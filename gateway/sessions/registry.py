@@ -22,7 +22,6 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from gateway import rpc
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("worker_gateway.sessions")
 
-_EVENT_PREFIX = '{"jsonrpc":"2.0","method":"event","params":'
+_EVENT_PREFIX = b'{"jsonrpc":"2.0","method":"event","params":'
 _YIELD_EVERY_BYTES = 256 * 1024
 #: Closed sessions whose last events still travel to their owner are kept (for events.since) this long.
 _DRAIN_KEEP_S = 60.0
@@ -554,7 +553,7 @@ class SessionRegistry:
             return {"acked_seq": None, "owner": False}
         return {"acked_seq": session.stream.ack(seq), "owner": True}
 
-    async def events_since_text(self, request_id: int | str | None, params: dict[str, Any]) -> str:
+    async def events_since_text(self, request_id: int | str | None, params: dict[str, Any]) -> bytes:
         """The response to ``session.events.since``, built by concatenation: the held events already hold
         their encoded payloads, which are never decoded on the loop.  One page of at most
         ``events_page_max_bytes``; ``more`` says whether to ask again from ``next_after_seq``."""
@@ -569,21 +568,23 @@ class SessionRegistry:
         frames = page.frames[: max(0, durable - page.first_seq + 1)]
         last = page.first_seq + len(frames) - 1 if frames else max(after, page.first_seq - 1)
         more = last < durable
-        events = ",".join(frame[len(_EVENT_PREFIX) : -1] for frame in frames)
-        return (
-            '{"jsonrpc":"2.0","id":'
-            + encode_json(request_id).decode()
-            + ',"result":{"events":['
-            + events
-            + '],"last_seq":'
-            + str(durable)
-            + ',"truncated":'
-            + ("true" if page.truncated else "false")
-            + ',"more":'
-            + ("true" if more else "false")
-            + ',"next_after_seq":'
-            + str(last)
-            + "}}"
+        events = b",".join(frame[len(_EVENT_PREFIX) : -1] for frame in frames)
+        return b"".join(
+            (
+                b'{"jsonrpc":"2.0","id":',
+                encode_json(request_id),
+                b',"result":{"events":[',
+                events,
+                b'],"last_seq":',
+                str(durable).encode(),
+                b',"truncated":',
+                b"true" if page.truncated else b"false",
+                b',"more":',
+                b"true" if more else b"false",
+                b',"next_after_seq":',
+                str(last).encode(),
+                b"}}",
+            )
         )
 
     async def _reopen_for_reading(self, session_id: str) -> None:
@@ -629,6 +630,7 @@ class SessionRegistry:
             return
         if session.backfill is not None:
             return  # the disk reader delivers first, then pumps again
+        settler: _Settler | None = None
         for item in session.stream.deliver(lambda: owner.has_room):
             if isinstance(item, OnDisk):
                 session.backfill = asyncio.get_running_loop().create_task(
@@ -639,7 +641,9 @@ class SessionRegistry:
                 owner.send(EventStream.truncation_frame(session.id, item.first_seq))
             else:
                 seq, frame = item
-                owner.send(frame, self._settler(session, owner, seq))
+                if settler is None:
+                    settler = self._settler(session, owner)
+                owner.send(frame, settler, seq)
         if session.status is SessionStatus.CLOSED and not session.stream.undelivered:
             self._finish_draining(session)
 
@@ -659,12 +663,13 @@ class SessionRegistry:
                 if piece.truncated:  # retention already deleted them: say so, never a silent gap
                     owner.send(EventStream.truncation_frame(session.id, piece.first_seq))
                     stream.delivered = max(stream.delivered, piece.first_seq - 1)
+                settler = self._settler(session, owner)
                 for seq, frame in enumerate(piece.frames, piece.first_seq):
                     if seq <= stream.delivered:
                         continue
                     if seq > stream.log.durable_seq:
                         break
-                    owner.send(frame, self._settler(session, owner, seq))
+                    owner.send(frame, settler, seq)
                     stream.delivered = seq
                 if not owner.has_room:
                     await owner.wait_for_room()
@@ -674,16 +679,16 @@ class SessionRegistry:
             session.backfill = None
         self._pump(session)
 
-    def _settler(self, session: Session, conn: Connection, seq: int) -> Callable[[], None]:
-        """What the connection calls once event ``seq`` reached its socket."""
+    def _settler(self, session: Session, conn: Connection) -> _Settler:
+        """What the connection calls with the last seq of a batch of ``session``'s events that reached its
+        socket (equal for every event of one session and owner, so a batch is settled with one call)."""
+        return _Settler(self, session, conn)
 
-        def settled() -> None:
-            if session.owner is conn:  # a superseded owner's sends say nothing about the new owner
-                session.stream.settle(seq)
-                if not session.room.is_set() and self._reader_has_room(session):
-                    session.room.set()
-
-        return settled
+    def _settled(self, session: Session, conn: Connection, seq: int) -> None:
+        if session.owner is conn:  # a superseded owner's sends say nothing about the new owner
+            session.stream.settle(seq)
+            if not session.room.is_set() and self._reader_has_room(session):
+                session.room.set()
 
     def _reader_has_room(self, session: Session) -> bool:
         """Whether the worker's pipe may be read now.  Attached: while the owner's unsettled events are
@@ -975,6 +980,26 @@ class SessionRegistry:
         await asyncio.gather(
             *(self.close(sid, reason, missing_ok=True) for sid in list(self._sessions)), return_exceptions=True
         )
+
+
+class _Settler:
+    """``Connection.send``'s settle callback for one session and owner: equal settlers are coalesced."""
+
+    __slots__ = ("conn", "registry", "session")
+
+    def __init__(self, registry: SessionRegistry, session: Session, conn: Connection) -> None:
+        self.registry = registry
+        self.session = session
+        self.conn = conn
+
+    def __call__(self, seq: int) -> None:
+        self.registry._settled(self.session, self.conn, seq)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Settler) and other.session is self.session and other.conn is self.conn
+
+    def __hash__(self) -> int:
+        return hash((id(self.session), id(self.conn)))
 
 
 def _state_of(body: bytes) -> bytes | None:

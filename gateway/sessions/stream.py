@@ -39,10 +39,13 @@ class EventStream:
         self._reader_max_events = reader_max_events
         self._reader_max_bytes = reader_max_bytes
 
-    def produce(self, event_type: str, payload_json: bytes) -> str:
-        """Assign the next seq to an event whose payload is already encoded; returns its frame."""
+    def produce(self, event_type: str, payload_json: bytes) -> bytes:
+        """Assign the next seq to an event whose payload is already encoded; returns its frame, UTF-8 bytes
+        that the log, the store and the socket share (a worker's invalid UTF-8 is replaced, once, here)."""
         self.seq += 1
-        frame = rpc.wrap_event(event_type, payload_json, self.session_id, self.seq).decode("utf-8", "replace")
+        # The envelope is ASCII: checking the whole frame is checking the payload, and it accepts any
+        # bytes-like payload (a slice of a reader's buffer).
+        frame = rpc.valid_utf8(rpc.wrap_event(event_type, payload_json, self.session_id, self.seq))
         self.log.append(self.seq, event_type, frame)
         return frame
 
@@ -56,7 +59,7 @@ class EventStream:
         """Events (durable or not yet) the owner has not been given."""
         return self.delivered < self.seq
 
-    def deliver(self, has_room: Callable[[], bool]) -> Iterator[tuple[int, str] | Gap | OnDisk]:
+    def deliver(self, has_room: Callable[[], bool]) -> Iterator[tuple[int, bytes] | Gap | OnDisk]:
         """Frames for the owner, in order, while ``has_room()``; advances :attr:`delivered` as it goes."""
         durable = self.log.durable_seq
         while self.delivered < durable and has_room():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING
 
+from gateway import rpc
 from gateway.store.log import Slice, held_after
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class DurableEventLog:
         self._store = store
         self.max_events = max_events
         self.max_bytes = max_bytes
-        self._frames: collections.deque[str] = collections.deque()
+        self._frames: collections.deque[bytes] = collections.deque()
         self._bytes = 0
         self._first_seq = last_seq + 1  # seq of _frames[0]
         self._durable = last_seq
@@ -62,10 +63,10 @@ class DurableEventLog:
     def undurable_count(self) -> int:
         return self.last_seq - self._durable
 
-    def append(self, seq: int, event_type: str, frame: str) -> None:
+    def append(self, seq: int, event_type: str, frame: bytes) -> None:
         if seq != self.last_seq + 1:
             raise ValueError(f"seq {seq} does not follow {self.last_seq}")
-        self._store.append(self.session_id, seq, event_type, frame.encode("utf-8", "surrogatepass"))
+        self._store.append(self.session_id, seq, event_type, frame)  # the same bytes: no copy
         self._frames.append(frame)
         self._bytes += len(frame)
         self._evict()
@@ -103,7 +104,7 @@ class DurableEventLog:
                 self._settled_bytes -= size
             self._first_seq += 1
 
-    def get(self, seq: int) -> str | None:
+    def get(self, seq: int) -> bytes | None:
         index = seq - self._first_seq
         if 0 <= index < len(self._frames):
             return self._frames[index]
@@ -127,5 +128,7 @@ class DurableEventLog:
         if not rows:  # nothing on disk after it: the cache's oldest event is next
             return self.page(self._first_seq - 1, max_events, max_bytes)
         # The cache may have moved on while we waited: rows beyond what it holds still came from disk.
-        frames = [frame.decode("utf-8", "surrogatepass") for _, frame in rows]
+        # Rows are the bytes appended (valid UTF-8); older databases may hold a gateway-made frame with an
+        # unpaired surrogate (written with "surrogatepass"): checked, since a text frame must be valid UTF-8.
+        frames = [rpc.valid_utf8(frame) for _, frame in rows]
         return Slice(frames, rows[0][0] > after_seq + 1, rows[0][0])

@@ -16,15 +16,15 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class Slice:
-    """Held events with seq > some ``after_seq``, oldest first."""
+    """Held events with seq > some ``after_seq``, oldest first (frames as UTF-8 bytes, ready to send)."""
 
-    frames: list[str]
+    frames: list[bytes]
     truncated: bool  # some events after ``after_seq`` are no longer held anywhere
     first_seq: int  # seq of frames[0] (last_seq + 1 when empty)
 
 
 def held_after(
-    frames: Iterable[str],
+    frames: Iterable[bytes],
     first_seq: int,
     last_seq: int,
     after_seq: int,
@@ -35,7 +35,7 @@ def held_after(
     ``max_events`` / ``max_bytes`` of them (always at least one); ``truncated`` when the cache starts later."""
     after_seq = max(0, after_seq)
     start = max(0, after_seq + 1 - first_seq)
-    taken: list[str] = []
+    taken: list[bytes] = []
     size = 0
     for frame in itertools.islice(frames, start, None):
         if taken and (
@@ -70,11 +70,11 @@ class EventLog(Protocol):
     @property
     def unsettled_bytes(self) -> int: ...
 
-    def append(self, seq: int, event_type: str, frame: str) -> None:
-        """Add the next event; ``seq`` must follow :attr:`last_seq`."""
+    def append(self, seq: int, event_type: str, frame: bytes) -> None:
+        """Add the next event (its frame as valid UTF-8 bytes); ``seq`` must follow :attr:`last_seq`."""
         ...
 
-    def get(self, seq: int) -> str | None:
+    def get(self, seq: int) -> bytes | None:
         """The frame of ``seq`` if the memory cache holds it."""
         ...
 

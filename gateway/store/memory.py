@@ -28,7 +28,7 @@ class MemoryEventLog:
     def __init__(self, max_events: int, max_bytes: int, first_seq: int = 1) -> None:
         self.max_events = max_events
         self.max_bytes = max_bytes
-        self._frames: collections.deque[str] = collections.deque()
+        self._frames: collections.deque[bytes] = collections.deque()
         self._bytes = 0
         self._first_seq = first_seq  # seq of self._frames[0]
         self._settled_seq = first_seq - 1  # events up to here reached a socket
@@ -70,7 +70,7 @@ class MemoryEventLog:
     def __len__(self) -> int:
         return len(self._frames)
 
-    def append(self, seq: int, event_type: str, frame: str) -> None:
+    def append(self, seq: int, event_type: str, frame: bytes) -> None:
         if seq != self.last_seq + 1:
             raise ValueError(f"seq {seq} does not follow {self.last_seq}")
         self._frames.append(frame)
@@ -109,7 +109,7 @@ class MemoryEventLog:
             self._settled_bytes -= size
             self._first_seq += 1
 
-    def get(self, seq: int) -> str | None:
+    def get(self, seq: int) -> bytes | None:
         index = seq - self._first_seq
         if 0 <= index < len(self._frames):
             return self._frames[index]

@@ -115,7 +115,7 @@ def stream(max_events: int = 100, max_bytes: int = 10**9) -> EventStream:
 def test_seq_is_gapless_and_every_event_is_delivered_in_order() -> None:
     s = stream()
     frames = [s.produce("message.delta", b'{"text":"%d"}' % i) for i in range(5)]
-    assert '"seq":1,' in frames[0] and '"seq":5,' in frames[4]
+    assert b'"seq":1,' in frames[0] and b'"seq":5,' in frames[4]
     delivered = list(s.deliver(lambda: True))
     assert [item[0] for item in delivered if not isinstance(item, Gap)] == [1, 2, 3, 4, 5]
     assert not s.pending and list(s.deliver(lambda: True)) == []
