@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, RpcClient
+from support import ROOT, RpcClient
 from write_path_agents import INVALID_PAYLOAD
 
 TEST_AGENTS_ENV = {"PYTHONPATH": str(ROOT / "tests")}

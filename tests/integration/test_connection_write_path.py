@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 import uvicorn
 import websockets
-from conftest import async_wait_for
+from support import async_wait_for
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
