@@ -697,34 +697,39 @@ class SessionRegistry:
         return session.stream.reader_has_room
 
     async def _read_worker(self, session: Session, worker: Worker) -> None:
+        """Relay the worker's frames, a batch (everything one pipe read brought) at a time; each event
+        still waits for room on its own, so backpressure and replacement apply between any two events."""
         corrupt: str | None = None
         since_yield = 0
         slot = session.slot
         try:
-            async for frame in worker.frames():
-                if frame.kind is not Kind.EVENT:
-                    if frame.kind is Kind.CONTROL and frame.name == Op.STATE:
-                        session.agent_state = _state_of(frame.body)
-                        if self.store is not None and session.agent_state is not None:
-                            self.store.put_state(session.id, session.seq, session.agent_state)
-                    continue
-                since_yield += len(frame.body)
-                if since_yield >= _YIELD_EVERY_BYTES:
-                    # frames() returns queued frames without suspending: give other sessions and the
-                    # pings a turn instead of relaying a whole backlog in one go.
-                    since_yield = 0
-                    await asyncio.sleep(0)
-                while not self._reader_has_room(session) and slot.is_current(worker):
-                    session.room.clear()
-                    if session.blocked_since is None:
-                        session.blocked_since = time.monotonic()
-                        if session.owner is None:
-                            self._schedule_reap(session)
-                    await session.room.wait()
-                session.blocked_since = None
+            async for batch in worker.frame_batches():
+                for frame in batch:
+                    if frame.kind is not Kind.EVENT:
+                        if frame.kind is Kind.CONTROL and frame.name == Op.STATE:
+                            session.agent_state = _state_of(frame.body)
+                            if self.store is not None and session.agent_state is not None:
+                                self.store.put_state(session.id, session.seq, session.agent_state)
+                        continue
+                    since_yield += len(frame.body)
+                    if since_yield >= _YIELD_EVERY_BYTES:
+                        # A batch and the queued batches after it come without suspending: give other
+                        # sessions and the pings a turn instead of relaying a whole backlog in one go.
+                        since_yield = 0
+                        await asyncio.sleep(0)
+                    while not self._reader_has_room(session) and slot.is_current(worker):
+                        session.room.clear()
+                        if session.blocked_since is None:
+                            session.blocked_since = time.monotonic()
+                            if session.owner is None:
+                                self._schedule_reap(session)
+                        await session.room.wait()
+                    session.blocked_since = None
+                    if not slot.is_current(worker):
+                        break
+                    self._produce(session, frame.name, frame.body)
                 if not slot.is_current(worker):
                     break
-                self._produce(session, frame.name, frame.body)
         except ChannelError as exc:
             corrupt = str(exc)
             logger.warning("session %s: corrupt frame from worker %s: %s", session.id, worker.pid, exc)

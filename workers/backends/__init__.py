@@ -37,6 +37,12 @@ class Worker(Protocol):
         """The worker's frames in order, until EOF; not pulling is backpressure."""
         ...
 
+    def frame_batches(self) -> AsyncIterator[list[Frame]]:
+        """The same frames in order, as non-empty lists of every frame already received (one pipe read
+        brings many), until EOF; raises :class:`~workers.channel.ChannelError` after the last good batch
+        on a corrupt stream.  Use one of ``frames`` / ``frame_batches`` per worker, never both."""
+        ...
+
     async def stop(self) -> ExitStatus:
         """End the worker and everything it started; idempotent; reports how it ended."""
         ...
