@@ -261,7 +261,8 @@ class ReaderState(enum.Enum):
 
 
 class LoopReads:
-    """What the pipe readers of one event loop share: the read buffer and the per-iteration read budget.
+    """What the pipe readers of one event loop share: the read buffer and the per-iteration read budget
+    (plus the same budget for relaying: the sessions' readers of frames spend it, :meth:`spend_relay`).
 
     One buffer per loop, not per reader: a read fills it, the frames are copied out before the callback
     returns, so no two readers ever hold it at once (and 64 sessions cost 1 MiB, not 64).  The budget is
@@ -271,9 +272,12 @@ class LoopReads:
     _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopReads] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop, budget_bytes: int) -> None:
-        self.loop = loop
+        # Weak: this object is the value of a WeakKeyDictionary keyed by the loop; a strong reference
+        # back would keep every loop (and its 1 MiB buffer) alive forever.
+        self._loop = weakref.ref(loop)
         self.buffer = memoryview(bytearray(SHARED_READ_BUFFER_BYTES))
         self.budget = ReadBudget(budget_bytes)
+        self.relay = ReadBudget(budget_bytes)
         self.deferred: DeferQueue[FrameReader] = DeferQueue()
         self.deferrals = 0  # readers turned away so far (a loop that often spends its budget shows here)
         self._reset_scheduled = False
@@ -286,7 +290,20 @@ class LoopReads:
             reads = cls._by_loop[loop] = cls(loop, budget_bytes or DEFAULT_READ_BUDGET_BYTES)
         elif budget_bytes is not None and budget_bytes != reads.budget.per_iteration:
             reads.budget.resize(budget_bytes)
+            reads.relay.resize(budget_bytes)
         return reads
+
+    @property
+    def relay_spent(self) -> bool:
+        """Whether this iteration's relay budget is spent: a session relaying a backlog yields until the
+        next iteration, so the frames queued while sessions waited for room (up to each reader's bound)
+        are not all relayed in one turn of the loop when the room comes back."""
+        return self.relay.exhausted
+
+    def spend_relay(self, n: int) -> None:
+        """Count ``n`` bytes of frames a session relayed in this iteration."""
+        self.relay.charge(n)
+        self._schedule_reset()
 
     def grant(self, want: int) -> int:
         """Bytes a reader may read now (0: defer it); charge what it actually read with :meth:`charge`."""
@@ -302,13 +319,15 @@ class LoopReads:
         self._schedule_reset()
 
     def _schedule_reset(self) -> None:
-        if not self._reset_scheduled:
+        loop = self._loop()
+        if not self._reset_scheduled and loop is not None:
             self._reset_scheduled = True
-            self.loop.call_soon(self._new_iteration)
+            loop.call_soon(self._new_iteration)
 
     def _new_iteration(self) -> None:
         self._reset_scheduled = False
         self.budget.reset()
+        self.relay.reset()
         while self.deferred and not self.budget.exhausted:
             reader = self.deferred.pop()
             if reader is not None:

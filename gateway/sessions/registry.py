@@ -36,7 +36,7 @@ from gateway.store.errors import StoreError
 from gateway.store.memory import MemoryEventLog
 from gateway.wire import CloseReason, ErrorCode, EventType, TurnStatus
 from workers.backends import ExitStatus, UnknownAgentError, Worker, WorkerBackend, WorkerStartError
-from workers.channel import ChannelError, Kind, encode_json
+from workers.channel import ChannelError, Kind, LoopReads, encode_json
 from workers.ops import Op
 
 if TYPE_CHECKING:
@@ -698,10 +698,13 @@ class SessionRegistry:
 
     async def _read_worker(self, session: Session, worker: Worker) -> None:
         """Relay the worker's frames, a batch (everything one pipe read brought) at a time; each event
-        still waits for room on its own, so backpressure and replacement apply between any two events."""
+        still waits for room on its own, so backpressure and replacement apply between any two events.
+        The loop-wide relay budget (``LoopReads``) bounds what all sessions together relay per turn of
+        the loop."""
         corrupt: str | None = None
         since_yield = 0
         slot = session.slot
+        loop_reads = LoopReads.of(asyncio.get_running_loop())
         try:
             async for batch in worker.frame_batches():
                 for frame in batch:
@@ -717,6 +720,9 @@ class SessionRegistry:
                         # sessions and the pings a turn instead of relaying a whole backlog in one go.
                         since_yield = 0
                         await asyncio.sleep(0)
+                    while loop_reads.relay_spent:  # every session together: wait for the next iteration
+                        await asyncio.sleep(0)
+                    loop_reads.spend_relay(len(frame.body))
                     while not self._reader_has_room(session) and slot.is_current(worker):
                         session.room.clear()
                         if session.blocked_since is None:

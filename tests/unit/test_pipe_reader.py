@@ -345,3 +345,34 @@ def test_close_while_deferred_leaves_the_queue(loop_kind: str) -> None:
             os.close(w)
 
     run(loop_kind, main)
+
+
+def test_relay_budget_is_spent_within_an_iteration_and_back_in_the_next(loop_kind: str) -> None:
+    async def main() -> None:
+        reads = LoopReads.of(asyncio.get_running_loop(), 64 * 1024)
+        assert not reads.relay_spent
+        reads.spend_relay(40 * 1024)
+        assert not reads.relay_spent
+        reads.spend_relay(30 * 1024)
+        assert reads.relay_spent  # under the minimum read left: spent
+        await asyncio.sleep(0)  # the next iteration: its reset ran before this task resumed
+        assert not reads.relay_spent and reads.relay.remaining == 64 * 1024
+
+    run(loop_kind, main)
+
+
+def test_a_closed_loop_does_not_keep_its_shared_state_alive(loop_kind: str) -> None:
+    import gc
+    import weakref
+
+    async def main() -> weakref.ref[LoopReads]:
+        r, w = os.pipe()
+        reader = await open_frame_reader(r)
+        os.write(w, event(1))
+        os.close(w)
+        assert [f.body async for f in reader] == [body(1)]
+        return weakref.ref(reader._reads)
+
+    state = run(loop_kind, main)
+    gc.collect()
+    assert state() is None  # the 1 MiB buffer went with its loop
