@@ -26,7 +26,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from workers.encoding import encode_json  # re-exported: the one encoding of payloads and control bodies
 from workers.read_budget import DEFAULT_READ_BUDGET_BYTES, DeferQueue, ReadBudget
@@ -269,7 +269,7 @@ class LoopReads:
     reset by a ``call_soon`` callback scheduled on the first read of an iteration; readers turned away are
     served, longest-waiting first, by that same callback at the start of the next iteration."""
 
-    _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopReads] = weakref.WeakKeyDictionary()
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopReads]] = weakref.WeakKeyDictionary()
 
     def __init__(self, loop: asyncio.AbstractEventLoop, budget_bytes: int) -> None:
         # Weak: this object is the value of a WeakKeyDictionary keyed by the loop; a strong reference

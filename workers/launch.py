@@ -187,8 +187,11 @@ def widen_pipe(fd: int, size: int) -> int | None:
     except OSError as exc:
         if not _pipe_size_refused:
             _pipe_size_refused = True
-            logger.debug("cannot set a worker pipe to %d bytes (%s); keeping the default size",
-                         size, errno.errorcode.get(exc.errno or 0, exc))
+            logger.debug(
+                "cannot set a worker pipe to %d bytes (%s); keeping the default size",
+                size,
+                errno.errorcode.get(exc.errno or 0, exc),
+            )
         return None
 
 

@@ -720,7 +720,8 @@ class SessionRegistry:
                         # sessions and the pings a turn instead of relaying a whole backlog in one go.
                         since_yield = 0
                         await asyncio.sleep(0)
-                    while loop_reads.relay_spent:  # every session together: wait for the next iteration
+                    # Every session together: wait, one loop iteration at a time, for the budget's reset.
+                    while loop_reads.relay_spent:  # noqa: ASYNC110 - no event to wait for: a new iteration
                         await asyncio.sleep(0)
                     loop_reads.spend_relay(len(frame.body))
                     while not self._reader_has_room(session) and slot.is_current(worker):

@@ -9,8 +9,8 @@ from typing import Any
 
 import psutil
 import pytest
-
 from worker_helpers import GRACE_S, wait_until
+
 from workers import launch
 from workers.channel import Frame, ReaderState
 from workers.supervisor import Supervisor, WorkerHandle
@@ -54,7 +54,7 @@ async def test_worker_pipe_is_widened_and_the_worker_runs_batch() -> None:
         assert psutil.Process(handle.pid).nice() > psutil.Process().nice()  # the nice is kept as well
         batches = await _turn_in_batches(handle, "output_mb=2 chunk_kb=64", fill_first=True)
         frames = [f for batch in batches for f in batch]
-        assert [f.name for f in frames][0] == "turn.start" and frames[-1].name == "turn.complete"
+        assert frames[0].name == "turn.start" and frames[-1].name == "turn.complete"
         assert json.loads(frames[-1].body)["status"] == "ok"
         outputs = [f for f in frames if f.name == "tool.output"]
         assert sum(len(f.body) for f in outputs) >= 2 * 1024 * 1024

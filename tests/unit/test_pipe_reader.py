@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from workers.channel import (
-    HEADER_SIZE,
     ChannelError,
     Frame,
     FrameScanner,
@@ -284,13 +283,14 @@ def test_readers_share_the_loop_buffer_without_corrupting_one_another(loop_kind:
                 if piece:
                     os.write(w, piece)
             expected = [min(len(s), offset + step) for s in streams]
-            await until(
-                lambda: all(
+
+            def all_read(expected: list[int] = expected) -> bool:
+                return all(
                     reader.queued_bytes + reader._scanner.buffered >= want
-                    for reader, want in zip(readers, expected)
-                ),
-                "every piece to be read",
-            )
+                    for reader, want in zip(readers, expected, strict=True)
+                )
+
+            await until(all_read, "every piece to be read")
         for _, w in pipes:
             os.close(w)
         for n, reader in enumerate(readers):
