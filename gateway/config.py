@@ -421,6 +421,30 @@ class Config:
     ray_placement_timeout_s: float = knob(
         float, 10.0, "seconds session.create waits for a Ray node with room before failing with 5001", 0.1, 600
     )
+    # --- relay read path (docs/operations.md "Relay read path") ---
+    worker_pipe_bytes: int = knob(
+        int,
+        256 * 1024,
+        "size of the pipe each worker's frames arrive on (Linux F_SETPIPE_SZ; clamped to the per-user pipe "
+        "quota shared by max_sessions pipes; 0 = the kernel default, 64 KiB)",
+        0,
+        64 * _MIB,
+    )
+    relay_read_budget_bytes: int = knob(
+        int,
+        _MIB,
+        "bytes the gateway reads from all worker pipes together in one event-loop iteration (keeps each "
+        "turn of the loop short whatever the session count; the rest is read in the next iterations)",
+        64 * 1024,
+        256 * _MIB,
+    )
+    worker_sched: str = knob(
+        str,
+        "batch",
+        "CPU scheduling policy of agent workers: normal, batch (SCHED_BATCH: the relay is not preempted "
+        "by them) or idle (SCHED_IDLE: they run only on spare CPU)",
+        choices=("normal", "batch", "idle"),
+    )
     # Derived at load time, not a setting: whether the ping flags were given explicitly.
     ping_explicit: bool = False
 

@@ -22,11 +22,14 @@ import json
 import os
 import struct
 import threading
+import weakref
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from workers.encoding import encode_json  # re-exported: the one encoding of payloads and control bodies
+from workers.read_budget import DEFAULT_READ_BUDGET_BYTES, DeferQueue, ReadBudget
 
 _HEADER = struct.Struct(">IBB")
 HEADER_SIZE = _HEADER.size  # 6
@@ -129,8 +132,112 @@ class FrameDecoder:
             raise ChannelError(f"stream ended inside a frame ({len(self._buf)} bytes pending)")
 
 
+def _check_header(length: int, kind: int, name_len: int, limit: int) -> None:
+    if length > limit or length < 2 + name_len:
+        raise ChannelError(f"corrupt frame header: length {length}, name length {name_len} (limit {limit})")
+    if kind not in (1, 2):
+        raise ChannelError(f"corrupt frame header: unknown kind {kind}")
+
+
+def _frame_at(buf: memoryview | bytearray, pos: int, name_len: int, kind: int, end: int) -> Frame:
+    """The frame whose header starts at ``pos``; the body is the one copy of its bytes."""
+    name_start = pos + HEADER_SIZE
+    body_start = name_start + name_len
+    try:
+        name = str(buf[name_start:body_start], "ascii")
+    except UnicodeDecodeError:
+        raise ChannelError("corrupt frame: name is not ASCII") from None
+    return Frame(Kind(kind), name, bytes(buf[body_start:end]))
+
+
+class FrameScanner:
+    """Incremental decoder for :class:`FrameReader`: parses frames in place from a view of a buffer the
+    caller reuses (the loop's shared read buffer), copying out only each frame's body, and keeps just the
+    bytes of a partial frame (its *carry*) between feeds.
+
+    Like :class:`FrameDecoder`, a corrupt header or an oversize length is fatal (no resynchronisation),
+    but the frames fed before it are still returned.  Nothing returned refers to the fed view.
+    """
+
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self._carry = bytearray()
+        self._max = max_frame_bytes
+        self._broken: ChannelError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of a partial frame held until the rest arrives."""
+        return len(self._carry)
+
+    @property
+    def error(self) -> ChannelError | None:
+        """Set once the stream turned out corrupt; every later :meth:`feed` raises it."""
+        return self._broken
+
+    def feed(self, view: memoryview) -> list[Frame]:
+        """Every frame completed by ``view`` (the view may be overwritten as soon as this returns).  On a
+        corrupt stream: the frames before the corruption, with :attr:`error` set."""
+        if self._broken is not None:
+            raise self._broken
+        frames: list[Frame] = []
+        try:
+            pos = self._complete_carry(view, frames) if self._carry else 0
+            if pos < 0:  # all of the view went into the carry
+                return frames
+            pos = self._scan(view, pos, frames)
+        except ChannelError as exc:
+            self._broken = exc
+            self._carry = bytearray()
+            return frames
+        if pos < len(view):
+            self._carry = bytearray(view[pos:])
+        return frames
+
+    def eof(self) -> None:
+        """Call at end of stream: a partial frame left over means the peer died mid-write."""
+        if self._carry:
+            raise ChannelError(f"stream ended inside a frame ({len(self._carry)} bytes pending)")
+
+    def _complete_carry(self, view: memoryview, frames: list[Frame]) -> int:
+        """Append to the carry from ``view``; returns where the frames after it start, or -1 when the
+        carry took all of ``view`` and is still incomplete."""
+        carry = self._carry
+        pos = 0
+        if len(carry) < HEADER_SIZE:
+            take = min(HEADER_SIZE - len(carry), len(view))
+            carry += view[:take]
+            pos = take
+            if len(carry) < HEADER_SIZE:
+                return -1
+        length, kind, name_len = _HEADER.unpack_from(carry, 0)
+        _check_header(length, kind, name_len, self._max)
+        total = 4 + length
+        take = min(total - len(carry), len(view) - pos)
+        carry += view[pos : pos + take]
+        pos += take
+        if len(carry) < total:
+            return -1
+        frames.append(_frame_at(carry, 0, name_len, kind, total))
+        self._carry = bytearray()
+        return pos
+
+    def _scan(self, view: memoryview, pos: int, frames: list[Frame]) -> int:
+        size = len(view)
+        unpack = _HEADER.unpack_from
+        limit = self._max
+        while size - pos >= HEADER_SIZE:
+            length, kind, name_len = unpack(view, pos)
+            _check_header(length, kind, name_len, limit)
+            end = pos + 4 + length
+            if end > size:
+                break
+            frames.append(_frame_at(view, pos, name_len, kind, end))
+            pos = end
+        return pos
+
+
 # --------------------------------------------------------------------------------------------------------
-# Gateway side: asyncio endpoints.  Reading is bounded: when the consumer falls behind, the transport stops
+# Gateway side: asyncio endpoints.  Reading is bounded: when the consumer falls behind, the reader stops
 # reading the pipe, the pipe fills, and the worker blocks in write().  Nothing is dropped, memory stays flat.
 # --------------------------------------------------------------------------------------------------------
 
@@ -140,31 +247,137 @@ DEFAULT_MAX_QUEUED_BYTES = 1024 * 1024
 DEFAULT_MAX_QUEUED_FRAMES = 1024
 #: Default bound of control bytes a :class:`FrameWriter` buffers for a peer that does not read.
 DEFAULT_MAX_WRITE_BUFFER = 8 * 1024 * 1024
+#: The read buffer all readers of one loop share (one read fills it, frames are parsed from it in place).
+SHARED_READ_BUFFER_BYTES = 1024 * 1024
+#: The smallest read a reader near its queue bound still makes (bounds are "queued bytes plus one read").
+_MIN_READ_BYTES = 64 * 1024
+
+
+class ReaderState(enum.Enum):
+    READING = "reading"  # registered with the loop's selector
+    PAUSED = "paused"  # its queue is over a bound: not registered until the consumer drains half
+    DEFERRED = "deferred"  # this loop iteration's read budget is spent: waits in LoopReads' queue
+    DONE = "done"  # EOF, error or close(): the fd is closed
+
+
+class LoopReads:
+    """What the pipe readers of one event loop share: the read buffer and the per-iteration read budget
+    (plus the same budget for relaying: the sessions' readers of frames spend it, :meth:`spend_relay`).
+
+    One buffer per loop, not per reader: a read fills it, the frames are copied out before the callback
+    returns, so no two readers ever hold it at once (and 64 sessions cost 1 MiB, not 64).  The budget is
+    reset by a ``call_soon`` callback scheduled on the first read of an iteration; readers turned away are
+    served, longest-waiting first, by that same callback at the start of the next iteration."""
+
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopReads]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, budget_bytes: int) -> None:
+        # Weak: this object is the value of a WeakKeyDictionary keyed by the loop; a strong reference
+        # back would keep every loop (and its 1 MiB buffer) alive forever.
+        self._loop = weakref.ref(loop)
+        self.buffer = memoryview(bytearray(SHARED_READ_BUFFER_BYTES))
+        self.budget = ReadBudget(budget_bytes)
+        self.relay = ReadBudget(budget_bytes)
+        self.deferred: DeferQueue[FrameReader] = DeferQueue()
+        self.deferrals = 0  # readers turned away so far (a loop that often spends its budget shows here)
+        self._reset_scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop, budget_bytes: int | None = None) -> LoopReads:
+        """The loop's shared state (created on first use); ``budget_bytes`` resizes its budget."""
+        reads = cls._by_loop.get(loop)
+        if reads is None:
+            reads = cls._by_loop[loop] = cls(loop, budget_bytes or DEFAULT_READ_BUDGET_BYTES)
+        elif budget_bytes is not None and budget_bytes != reads.budget.per_iteration:
+            reads.budget.resize(budget_bytes)
+            reads.relay.resize(budget_bytes)
+        return reads
+
+    @property
+    def relay_spent(self) -> bool:
+        """Whether this iteration's relay budget is spent: a session relaying a backlog yields until the
+        next iteration, so the frames queued while sessions waited for room (up to each reader's bound)
+        are not all relayed in one turn of the loop when the room comes back."""
+        return self.relay.exhausted
+
+    def spend_relay(self, n: int) -> None:
+        """Count ``n`` bytes of frames a session relayed in this iteration."""
+        self.relay.charge(n)
+        self._schedule_reset()
+
+    def grant(self, want: int) -> int:
+        """Bytes a reader may read now (0: defer it); charge what it actually read with :meth:`charge`."""
+        return self.budget.grant(want)
+
+    def charge(self, n: int) -> None:
+        self.budget.charge(n)
+        self._schedule_reset()
+
+    def defer(self, reader: FrameReader) -> None:
+        self.deferrals += 1
+        self.deferred.add(reader)
+        self._schedule_reset()
+
+    def _schedule_reset(self) -> None:
+        loop = self._loop()
+        if not self._reset_scheduled and loop is not None:
+            self._reset_scheduled = True
+            loop.call_soon(self._new_iteration)
+
+    def _new_iteration(self) -> None:
+        self._reset_scheduled = False
+        self.budget.reset()
+        self.relay.reset()
+        while self.deferred and not self.budget.exhausted:
+            reader = self.deferred.pop()
+            if reader is not None:
+                reader._undefer()
+        if self.deferred:
+            self._schedule_reset()
 
 
 class FrameReader:
     """Async iterator over the frames arriving on a pipe; ends at EOF, raises :class:`ChannelError` on a
-    corrupt stream (after yielding the frames decoded before it).
+    corrupt stream (after yielding the frames decoded before it).  :meth:`batches` hands out every frame
+    queued at once instead.
 
-    At most ``max_queued_bytes`` / ``max_queued_frames`` (plus one pipe read) are held; past that the
-    transport pauses reading and resumes once the consumer has drained half.  Single consumer.
+    Push mode: the loop calls the reader when the pipe is readable; it reads as much as the loop's budget
+    and its own bound allow into the loop's shared buffer (:class:`LoopReads`), in one syscall, and parses
+    the frames there.  At most ``max_queued_bytes`` / ``max_queued_frames`` (plus one read) are held,
+    counting a batch handed out until the next one is asked for; past that the reader stops reading and
+    resumes once the consumer has drained half.  Single consumer.  Owns ``fd`` and closes it exactly once.
     """
 
     def __init__(
-        self, *, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES, max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES
+        self,
+        fd: int,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+        max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES,
+        read_budget_bytes: int | None = None,
     ) -> None:
         if max_queued_bytes < 1 or max_queued_frames < 1:
             raise ValueError("queue bounds must be positive")
+        self._fd = fd
+        self._loop = loop
+        self._reads = LoopReads.of(loop, read_budget_bytes)
         self._max_bytes = max_queued_bytes
         self._max_frames = max_queued_frames
         self._frames: deque[Frame] = deque()
-        self._queued_bytes = 0
-        self._decoder = FrameDecoder()
-        self._transport: asyncio.ReadTransport | None = None
-        self._paused = False
-        self._done = False
+        self._queued_bytes = 0  # bytes in _frames
+        self._held_bytes = 0  # bytes of the last batch handed out, released when the next is asked for
+        self._held_frames = 0
+        self._scanner = FrameScanner()
+        self._state = ReaderState.DONE
         self._error: ChannelError | None = None
         self._waiter: asyncio.Future[None] | None = None
+
+    def _start(self) -> None:
+        """Register with the loop (the fd is made non-blocking here)."""
+        os.set_blocking(self._fd, False)
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._state = ReaderState.READING
 
     @property
     def queued_bytes(self) -> int:
@@ -172,84 +385,140 @@ class FrameReader:
         return self._queued_bytes
 
     @property
+    def state(self) -> ReaderState:
+        return self._state
+
+    @property
     def paused(self) -> bool:
-        return self._paused
+        return self._state is ReaderState.PAUSED
 
     @property
     def at_eof(self) -> bool:
         """True once the stream has ended and every queued frame was consumed."""
-        return self._done and not self._frames
+        return self._state is ReaderState.DONE and not self._frames
 
     def close(self) -> None:
-        """Stop reading; frames already queued are still yielded, then iteration ends."""
-        if self._transport is not None:
-            self._transport.close()
+        """Stop reading and close the fd; frames already queued are still yielded, then iteration ends."""
         self._finish(None)
+
+    # -- consumer side ----------------------------------------------------------------------------------
 
     def __aiter__(self) -> FrameReader:
         return self
 
     async def __anext__(self) -> Frame:
+        self._release_held()
         while True:
             if self._frames:
                 frame = self._frames.popleft()
                 self._queued_bytes -= _cost(frame)
                 self._maybe_resume()
                 return frame
-            if self._error is not None:
-                raise self._error
-            if self._done:
-                raise StopAsyncIteration
-            if self._waiter is not None:
-                raise RuntimeError("FrameReader has a single consumer; another task is already waiting")
-            self._waiter = asyncio.get_running_loop().create_future()
+            await self._wait_for_frames()
+
+    def batches(self) -> AsyncIterator[list[Frame]]:
+        """Every queued frame at once, as a non-empty list per step, until EOF (or the error)."""
+        return _Batches(self)
+
+    async def next_batch(self) -> list[Frame]:
+        """All frames queued now (waiting for at least one); ``[]`` at EOF.  The batch counts against the
+        bounds until the next call, so a consumer working through it still holds the worker back."""
+        self._release_held()
+        while not self._frames:
             try:
-                await self._waiter
-            finally:
-                self._waiter = None
+                await self._wait_for_frames()
+            except StopAsyncIteration:
+                return []
+        batch = list(self._frames)
+        self._frames.clear()
+        self._held_bytes, self._queued_bytes = self._queued_bytes, 0
+        self._held_frames = len(batch)
+        return batch
 
-    # -- called by _ReaderProtocol --------------------------------------------------------------------
-
-    def _connected(self, transport: asyncio.ReadTransport) -> None:
-        self._transport = transport
-
-    def _data(self, data: bytes) -> None:
+    async def _wait_for_frames(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._state is ReaderState.DONE:
+            raise StopAsyncIteration
+        if self._waiter is not None:
+            raise RuntimeError("FrameReader has a single consumer; another task is already waiting")
+        self._waiter = self._loop.create_future()
         try:
-            frames = self._decoder.feed(data)
-        except ChannelError as exc:
-            self._finish(exc)
-            if self._transport is not None:
-                self._transport.close()
-            return
-        if not frames:
-            return
-        self._frames.extend(frames)
-        self._queued_bytes += sum(_cost(f) for f in frames)
-        if not self._paused and self._over_limit() and self._transport is not None:
-            self._transport.pause_reading()
-            self._paused = True
-        self._wake()
+            await self._waiter
+        finally:
+            self._waiter = None
 
-    def _eof(self) -> None:
+    def _release_held(self) -> None:
+        if self._held_frames:
+            self._held_bytes = self._held_frames = 0
+            self._maybe_resume()
+
+    # -- loop side --------------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if self._state is not ReaderState.READING:
+            return  # a callback already queued when an earlier one in this iteration paused or closed us
+        room = self._max_bytes - self._queued_bytes - self._held_bytes
+        buffer = self._reads.buffer
+        granted = self._reads.grant(min(len(buffer), max(room, _MIN_READ_BYTES)))
+        if not granted:
+            self._loop.remove_reader(self._fd)
+            self._state = ReaderState.DEFERRED
+            self._reads.defer(self)
+            return
+        self._read(buffer[:granted])
+
+    def _undefer(self) -> None:
+        """Called by :class:`LoopReads` at the start of an iteration with budget to spare."""
+        if self._state is not ReaderState.DEFERRED:
+            return
+        self._state = ReaderState.READING
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._on_readable()
+
+    def _read(self, view: memoryview) -> None:
         try:
-            self._decoder.eof()
-        except ChannelError as exc:
-            self._finish(exc)
+            n = os.readv(self._fd, [view])
+        except (BlockingIOError, InterruptedError):
             return
-        self._finish(None)
-
-    def _lost(self, exc: Exception | None) -> None:
-        if exc is not None and not self._done:
+        except OSError as exc:
             err = ChannelError(f"pipe read failed: {exc}")
             err.__cause__ = exc
             self._finish(err)
-        else:
+            return
+        if n == 0:
+            try:
+                self._scanner.eof()
+            except ChannelError as exc:
+                self._finish(exc)
+                return
             self._finish(None)
+            return
+        self._reads.charge(n)
+        frames = self._scanner.feed(view[:n])
+        if frames:
+            self._frames.extend(frames)
+            self._queued_bytes += sum(_cost(f) for f in frames)
+            if self._state is ReaderState.READING and self._over_limit():
+                self._loop.remove_reader(self._fd)
+                self._state = ReaderState.PAUSED
+            self._wake()
+        if self._scanner.error is not None:  # the frames before the corruption are still delivered
+            self._finish(self._scanner.error)
 
     def _finish(self, error: ChannelError | None) -> None:
-        if not self._done:
-            self._done = True
-            self._error = error
+        """End the stream (first call wins): unregister, close the fd once, wake the consumer."""
+        if self._fd >= 0:
+            if self._state is ReaderState.READING:
+                self._loop.remove_reader(self._fd)
+            elif self._state is ReaderState.DEFERRED:
+                self._reads.deferred.discard(self)
+            self._state = ReaderState.DONE
+            if self._error is None:
+                self._error = error
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                os.close(fd)
         self._wake()
 
     def _wake(self) -> None:
@@ -257,35 +526,40 @@ class FrameReader:
             self._waiter.set_result(None)
 
     def _over_limit(self) -> bool:
-        return self._queued_bytes >= self._max_bytes or len(self._frames) >= self._max_frames
+        return (
+            self._queued_bytes + self._held_bytes >= self._max_bytes
+            or len(self._frames) + self._held_frames >= self._max_frames
+        )
 
     def _maybe_resume(self) -> None:
-        if self._paused and self._queued_bytes <= self._max_bytes // 2 and len(self._frames) <= self._max_frames // 2:
-            self._paused = False
-            if self._transport is not None and not self._done:
-                self._transport.resume_reading()
+        if (
+            self._state is ReaderState.PAUSED
+            and self._queued_bytes + self._held_bytes <= self._max_bytes // 2
+            and len(self._frames) + self._held_frames <= self._max_frames // 2
+        ):
+            self._state = ReaderState.READING
+            self._loop.add_reader(self._fd, self._on_readable)
+
+
+class _Batches:
+    """``async for batch in reader.batches()`` without an async generator (nothing to finalize when the
+    consumer stops early)."""
+
+    def __init__(self, reader: FrameReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> list[Frame]:
+        batch = await self._reader.next_batch()
+        if not batch:
+            raise StopAsyncIteration
+        return batch
 
 
 def _cost(frame: Frame) -> int:
     return HEADER_SIZE + len(frame.name) + len(frame.body)
-
-
-class _ReaderProtocol(asyncio.Protocol):
-    def __init__(self, reader: FrameReader) -> None:
-        self._reader = reader
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._reader._connected(transport)  # type: ignore[arg-type]
-
-    def data_received(self, data: bytes) -> None:
-        self._reader._data(data)
-
-    def eof_received(self) -> bool:
-        self._reader._eof()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._reader._lost(exc)
 
 
 class FrameWriter:
@@ -348,18 +622,27 @@ def _pipe_file(loop: asyncio.AbstractEventLoop, fd: int, mode: str) -> Any:
 
 
 async def open_frame_reader(
-    fd: int, *, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES, max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES
+    fd: int,
+    *,
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    max_queued_frames: int = DEFAULT_MAX_QUEUED_FRAMES,
+    read_budget_bytes: int | None = None,
 ) -> FrameReader:
-    """Wrap the read end ``fd`` of a pipe (ownership passes to the reader) in a :class:`FrameReader`."""
+    """Wrap the read end ``fd`` of a pipe (ownership passes to the reader, which closes it exactly once)
+    in a :class:`FrameReader`.  ``read_budget_bytes`` sets the loop-wide per-iteration read budget
+    (:class:`LoopReads`; the last value given wins)."""
     loop = asyncio.get_running_loop()
-    reader = FrameReader(max_queued_bytes=max_queued_bytes, max_queued_frames=max_queued_frames)
-    pipe = _pipe_file(loop, fd, "rb")
+    reader = FrameReader(
+        fd,
+        loop,
+        max_queued_bytes=max_queued_bytes,
+        max_queued_frames=max_queued_frames,
+        read_budget_bytes=read_budget_bytes,
+    )
     try:
-        await loop.connect_read_pipe(lambda: _ReaderProtocol(reader), pipe)
+        reader._start()
     except BaseException:
-        pipe.close()
-        if not pipe.closefd:  # no transport took the fd over
-            os.close(fd)
+        reader.close()
         raise
     return reader
 

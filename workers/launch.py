@@ -15,7 +15,10 @@ Everything here blocks briefly (a round-trip to the forkserver): call it from a 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import io
+import logging
 import os
 import signal
 import struct
@@ -30,6 +33,8 @@ from multiprocess.context import reduction, set_spawning_popen
 from multiprocess.popen_forkserver import Popen as _ForkServerPopen
 
 from workers import contain, worker_main
+
+logger = logging.getLogger("worker_gateway.launch")
 
 PRELOAD = ["workers._forkserver_preload"]
 _STATUS = struct.Struct("q")  # how the forkserver writes pids and exit codes to the sentinel
@@ -126,14 +131,102 @@ def release_forkserver() -> int | None:
         return pid
 
 
-def spawn_worker(*, gateway_pid: int, nice: int, watchdog_poll_s: float, kill_grace_s: float) -> SpawnedWorker:
-    """Start one idle worker (blocking, a few ms)."""
+# -- the worker -> gateway pipe's size ----------------------------------------------------------------------
+#: Default size of the pipe a worker's frames arrive on (Config ``worker_pipe_bytes``): a whole 65.6 KB
+#: frame (a 64 KiB chunk in its envelope) fits, so the worker does not block in the middle of each one.
+DEFAULT_PIPE_BYTES = 256 * 1024
+_PAGE = 4096
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_pipe_size_refused = False  # logged once
+
+
+def pipe_size_for(requested: int, *, sessions: int, soft_limit_pages: int | None, max_size: int | None) -> int:
+    """The pipe size to ask for: ``requested``, but no more than the kernel's ``pipe-max-size`` and no
+    more than leaves ``sessions`` such pipes within half of the per-user soft limit (the other half is for
+    the control pipes, the store's and everything else the user runs); a power of two of pages at least
+    one page (the kernel rounds up to one anyway).  0 when ``requested`` is 0 (keep the default)."""
+    if requested <= 0:
+        return 0
+    size = requested
+    if max_size:
+        size = min(size, max_size)
+    if soft_limit_pages:
+        size = min(size, soft_limit_pages * _PAGE // (2 * max(1, sessions)))
+    pages = max(1, size // _PAGE)
+    return _PAGE * (1 << (pages.bit_length() - 1))
+
+
+def _read_proc_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def worker_pipe_size(requested: int, sessions: int) -> int:
+    """:func:`pipe_size_for` with this machine's limits (read from ``/proc/sys/fs``)."""
+    return pipe_size_for(
+        requested,
+        sessions=sessions,
+        soft_limit_pages=_read_proc_int("/proc/sys/fs/pipe-user-pages-soft"),
+        max_size=_read_proc_int("/proc/sys/fs/pipe-max-size"),
+    )
+
+
+def widen_pipe(fd: int, size: int) -> int | None:
+    """Set the pipe's buffer to ``size`` bytes (Linux ``F_SETPIPE_SZ``); its size afterwards, or None when
+    the kernel refused (over the user's pipe quota: EPERM; a pipe already holding more: EBUSY; not Linux).
+    A refusal only costs throughput, so it is logged once, at debug."""
+    global _pipe_size_refused
+    if size <= 0:
+        return None
+    try:
+        return int(fcntl.fcntl(fd, _F_SETPIPE_SZ, size))
+    except OSError as exc:
+        if not _pipe_size_refused:
+            _pipe_size_refused = True
+            logger.debug(
+                "cannot set a worker pipe to %d bytes (%s); keeping the default size",
+                size,
+                errno.errorcode.get(exc.errno or 0, exc),
+            )
+        return None
+
+
+def pipe_size(fd: int) -> int:
+    """The pipe's current buffer size (``F_GETPIPE_SZ``)."""
+    return int(fcntl.fcntl(fd, _F_GETPIPE_SZ))
+
+
+def spawn_worker(
+    *,
+    gateway_pid: int,
+    nice: int,
+    watchdog_poll_s: float,
+    kill_grace_s: float,
+    pipe_bytes: int = 0,
+    sched: str = "normal",
+) -> SpawnedWorker:
+    """Start one idle worker (blocking, a few ms).  ``pipe_bytes``: the size to give the pipe its frames
+    come on (0: the kernel's default; see :func:`worker_pipe_size`); ``sched``: its CPU scheduling policy
+    (``worker_main.SCHED_POLICIES``)."""
     to_worker_r, to_worker_w = os.pipe()
     from_worker_r, from_worker_w = os.pipe()
+    widen_pipe(from_worker_r, pipe_bytes)
     try:
         proc = _WorkerProcess(
             target=worker_main.main,
-            args=(PassedFd(to_worker_r), PassedFd(from_worker_w), gateway_pid, nice, watchdog_poll_s, kill_grace_s),
+            args=(
+                PassedFd(to_worker_r),
+                PassedFd(from_worker_w),
+                gateway_pid,
+                nice,
+                watchdog_poll_s,
+                kill_grace_s,
+                sched,
+            ),
             name="agent-worker",
         )
         with _lock:

@@ -144,6 +144,11 @@ class WorkerHandle:
         gone, or :meth:`stop` finished).  Single consumer.  A slow consumer pauses the worker."""
         return self._reader
 
+    def frame_batches(self) -> AsyncIterator[list[Frame]]:
+        """The same frames, every one already read handed over at once (a pipe read brings many): fewer
+        wake-ups of the consumer.  A batch counts against the reader's bounds until the next is pulled."""
+        return self._reader.batches()
+
     async def wait(self) -> ExitStatus:
         """Resolve when the worker process exits, for whatever reason."""
         return await asyncio.shield(self._exited)
@@ -248,6 +253,10 @@ class Supervisor:
         watchdog_poll_s: float = 0.5,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         scrub_secrets: Sequence[str] = (),
+        pipe_bytes: int = launch.DEFAULT_PIPE_BYTES,
+        max_sessions: int = 64,
+        sched: str = "normal",
+        read_budget_bytes: int | None = None,
     ) -> None:
         if pool_size < 0 or kill_grace_s <= 0 or start_timeout_s <= 0 or watchdog_poll_s <= 0:
             raise ValueError("pool_size must be >= 0 and the durations positive")
@@ -257,6 +266,11 @@ class Supervisor:
         self._start_timeout_s = start_timeout_s
         self._watchdog_poll_s = watchdog_poll_s
         self._max_queued_bytes = max_queued_bytes
+        #: The worker -> gateway pipe's size, clamped so every session's pipe fits the user's pipe quota
+        #: (sessions plus the warm pool).
+        self._pipe_bytes = launch.worker_pipe_size(pipe_bytes, max_sessions + pool_size)
+        self._sched = sched
+        self._read_budget_bytes = read_budget_bytes
         #: Literal secrets every worker's scrubber redacts (the gateway's token): sent over the init pipe,
         #: never through the environment or argv, where other processes could read them.
         self._scrub_secrets = list(scrub_secrets)
@@ -281,6 +295,10 @@ class Supervisor:
             start_timeout_s=config.worker_start_timeout_s,
             watchdog_poll_s=config.watchdog_poll_s,
             scrub_secrets=[config.token] if getattr(config, "token", None) else [],
+            pipe_bytes=getattr(config, "worker_pipe_bytes", launch.DEFAULT_PIPE_BYTES),
+            max_sessions=getattr(config, "max_sessions", 64),
+            sched=getattr(config, "worker_sched", "normal"),
+            read_budget_bytes=getattr(config, "relay_read_budget_bytes", None),
         )
 
     @property
@@ -438,6 +456,8 @@ class Supervisor:
                 nice=self._nice,
                 watchdog_poll_s=self._watchdog_poll_s,
                 kill_grace_s=self._kill_grace_s,
+                pipe_bytes=self._pipe_bytes,
+                sched=self._sched,
             )
         )
         self._spawning.add(future)
@@ -448,7 +468,9 @@ class Supervisor:
             future.add_done_callback(_abandon_result)
             raise
         try:
-            reader = await open_frame_reader(spawned.read_fd, max_queued_bytes=self._max_queued_bytes)
+            reader = await open_frame_reader(
+                spawned.read_fd, max_queued_bytes=self._max_queued_bytes, read_budget_bytes=self._read_budget_bytes
+            )
         except BaseException:
             launch.abandon(spawned)
             raise

@@ -3,7 +3,8 @@
 Life of a worker (started idle by the supervisor's warm pool, through the forkserver):
 
 1. become the leader of a new process group and session, lower its priority, and split into the session's
-   keeper (``workers/keeper.py``: it ends everything the session started) and the worker proper;
+   keeper (``workers/keeper.py``: it ends everything the session started) and the worker proper, which
+   takes the configured CPU scheduling policy (``worker_sched``: normal, batch or idle);
 2. wait for CONTROL ``init`` {agent, options, cwd, session_id, sys_path, state?}; load the agent, hand it
    ``state`` (``restore``) when present and not null, start it; answer ``ready`` {pid, agent} or
    ``init_failed`` {code, message} (4004 unknown agent, 5001 anything else);
@@ -37,8 +38,34 @@ INIT_UNKNOWN_AGENT = 4004
 INIT_FAILED = 5001
 
 
+#: Config ``worker_sched``: the CPU scheduling policy of the worker proper (and what its turns start).
+#: ``batch`` (SCHED_BATCH) marks it CPU-bound: the kernel stops preempting the gateway's relay loop in its
+#: favour when it wakes; ``idle`` (SCHED_IDLE) runs it only on CPU time nothing else wants.
+SCHED_POLICIES = ("normal", "batch", "idle")
+
+
+def apply_sched(policy: str) -> bool:
+    """Move this process to ``policy`` (one of :data:`SCHED_POLICIES`); False when the platform or the
+    process's rights refuse it (the worker then runs as before: this is a tuning, not a guarantee)."""
+    number = {"batch": getattr(os, "SCHED_BATCH", None), "idle": getattr(os, "SCHED_IDLE", None)}.get(policy)
+    if number is None:
+        return policy == "normal"
+    try:
+        os.sched_setscheduler(0, number, os.sched_param(0))
+    except OSError as exc:  # EPERM (e.g. leaving SCHED_IDLE without CAP_SYS_NICE), or not supported
+        logger.debug("worker %d: cannot use scheduling policy %s: %s", os.getpid(), policy, exc)
+        return False
+    return True
+
+
 def main(
-    read_fd: int, write_fd: int, gateway_pid: int, nice: int, watchdog_poll_s: float, kill_grace_s: float = 2.0
+    read_fd: int,
+    write_fd: int,
+    gateway_pid: int,
+    nice: int,
+    watchdog_poll_s: float,
+    kill_grace_s: float = 2.0,
+    sched: str = "normal",
 ) -> None:
     """Entry point in the forked worker.  ``read_fd``/``write_fd`` are this side's pipe ends.  This process
     becomes the session's keeper (``workers/keeper.py``); the agent runs in its child."""
@@ -61,6 +88,7 @@ def main(
         poll_s=watchdog_poll_s,
         child_own_group=True,
     )
+    apply_sched(sched)  # the worker proper only: the keeper must stay prompt at ending the session
     channel = BlockingChannel(read_fd, write_fd)
     try:
         _serve(channel)

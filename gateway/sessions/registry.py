@@ -35,7 +35,7 @@ from gateway.store.errors import StoreError
 from gateway.store.memory import MemoryEventLog
 from gateway.wire import CloseReason, ErrorCode, EventType, TurnStatus
 from workers.backends import ExitStatus, UnknownAgentError, Worker, WorkerBackend, WorkerStartError
-from workers.channel import ChannelError, Kind, encode_json
+from workers.channel import ChannelError, Kind, LoopReads, encode_json
 from workers.ops import Op
 
 if TYPE_CHECKING:
@@ -702,34 +702,46 @@ class SessionRegistry:
         return session.stream.reader_has_room
 
     async def _read_worker(self, session: Session, worker: Worker) -> None:
+        """Relay the worker's frames, a batch (everything one pipe read brought) at a time; each event
+        still waits for room on its own, so backpressure and replacement apply between any two events.
+        The loop-wide relay budget (``LoopReads``) bounds what all sessions together relay per turn of
+        the loop."""
         corrupt: str | None = None
         since_yield = 0
         slot = session.slot
+        loop_reads = LoopReads.of(asyncio.get_running_loop())
         try:
-            async for frame in worker.frames():
-                if frame.kind is not Kind.EVENT:
-                    if frame.kind is Kind.CONTROL and frame.name == Op.STATE:
-                        session.agent_state = _state_of(frame.body)
-                        if self.store is not None and session.agent_state is not None:
-                            self.store.put_state(session.id, session.seq, session.agent_state)
-                    continue
-                since_yield += len(frame.body)
-                if since_yield >= _YIELD_EVERY_BYTES:
-                    # frames() returns queued frames without suspending: give other sessions and the
-                    # pings a turn instead of relaying a whole backlog in one go.
-                    since_yield = 0
-                    await asyncio.sleep(0)
-                while not self._reader_has_room(session) and slot.is_current(worker):
-                    session.room.clear()
-                    if session.blocked_since is None:
-                        session.blocked_since = time.monotonic()
-                        if session.owner is None:
-                            self._schedule_reap(session)
-                    await session.room.wait()
-                session.blocked_since = None
+            async for batch in worker.frame_batches():
+                for frame in batch:
+                    if frame.kind is not Kind.EVENT:
+                        if frame.kind is Kind.CONTROL and frame.name == Op.STATE:
+                            session.agent_state = _state_of(frame.body)
+                            if self.store is not None and session.agent_state is not None:
+                                self.store.put_state(session.id, session.seq, session.agent_state)
+                        continue
+                    since_yield += len(frame.body)
+                    if since_yield >= _YIELD_EVERY_BYTES:
+                        # A batch and the queued batches after it come without suspending: give other
+                        # sessions and the pings a turn instead of relaying a whole backlog in one go.
+                        since_yield = 0
+                        await asyncio.sleep(0)
+                    # Every session together: wait, one loop iteration at a time, for the budget's reset.
+                    while loop_reads.relay_spent:  # noqa: ASYNC110 - no event to wait for: a new iteration
+                        await asyncio.sleep(0)
+                    loop_reads.spend_relay(len(frame.body))
+                    while not self._reader_has_room(session) and slot.is_current(worker):
+                        session.room.clear()
+                        if session.blocked_since is None:
+                            session.blocked_since = time.monotonic()
+                            if session.owner is None:
+                                self._schedule_reap(session)
+                        await session.room.wait()
+                    session.blocked_since = None
+                    if not slot.is_current(worker):
+                        break
+                    self._produce(session, frame.name, frame.body)
                 if not slot.is_current(worker):
                     break
-                self._produce(session, frame.name, frame.body)
         except ChannelError as exc:
             corrupt = str(exc)
             logger.warning("session %s: corrupt frame from worker %s: %s", session.id, worker.pid, exc)

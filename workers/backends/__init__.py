@@ -37,6 +37,13 @@ class Worker(Protocol):
         """The worker's frames in order, until EOF; not pulling is backpressure."""
         ...
 
+    def frame_batches(self) -> AsyncIterator[list[Frame]]:
+        """The same frames in order, as non-empty lists of every frame already received (one pipe read
+        brings many), until EOF; raises :class:`~workers.channel.ChannelError` after the last good batch
+        on a corrupt stream.  Both views read the same stream: one consumer at a time (the supervisor
+        takes the ``ready`` frame with ``frames``, the session the rest with ``frame_batches``)."""
+        ...
+
     async def stop(self) -> ExitStatus:
         """End the worker and everything it started; idempotent; reports how it ended."""
         ...
