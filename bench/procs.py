@@ -199,3 +199,27 @@ def http_ok(url: str) -> bool:
             return True
     except (urllib.error.URLError, OSError):
         return False
+
+
+def cpu_snapshot(pids: list[int]) -> tuple[float, float]:
+    """(on-CPU seconds from the threads' ``schedstat``, nanosecond resolution; the same from psutil
+    ``cpu_times``, clock-tick resolution) of ``pids``, for ``cpu_delta``."""
+    precise = 0.0
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                        precise += int(f.read().split()[0]) / 1e9
+        except OSError:
+            pass
+    return precise, cpu_seconds(pids)
+
+
+def cpu_delta(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """CPU seconds between two ``cpu_snapshot``s.  The 10 ms clock tick of ``cpu_times`` is too coarse for
+    a transfer of a fraction of a second, so the per-thread figure is used, unless a thread exited in
+    between (its time leaves the per-thread sum, not the process's ``cpu_times``): then ``cpu_times``."""
+    precise, coarse = after[0] - before[0], after[1] - before[1]
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    return precise if precise > 0 and abs(precise - coarse) <= 2 * tick + 0.05 * coarse else coarse
