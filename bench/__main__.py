@@ -144,10 +144,13 @@ def render(sections: list[Section], opts: Options, elapsed: float, machine: str,
         "edit by hand: the next run rewrites this file.  Every table says how to reproduce it alone "
         "(`--only <name>` prints that section instead of rewriting this file).",
         "",
-        f"This run: {now}, {mode}, {elapsed / 60:.1f} minutes{' (partial: --only)' if partial else ''}.  Everything "
+        f"This run: {now}, {mode}, {elapsed / 60:.1f} minutes{' (partial: --only)' if partial else ''}, "
+        f"of commit {measured_commit()}.  Everything "
         "runs on 127.0.0.1; the servers under test are subprocesses started exactly as users start them, "
-        "the client is one Python process using `websockets`.  Every gateway runs with the session store on "
-        "(the default for users; here each in a fresh temporary `--state-dir`) unless its row says `--no-state`.",
+        "the client is one Python process using `websockets` (what users run) or, where a row says *raw*, a "
+        "byte-counting client that reads only frame headers (`bench/rawclient.py`).  Every gateway runs with "
+        "the session store on (the default for users; here each in a fresh temporary `--state-dir`) unless "
+        "its row says `--no-state`.",
         "",
         "## Machine",
         "",
@@ -168,6 +171,23 @@ def render(sections: list[Section], opts: Options, elapsed: float, machine: str,
         if s.seconds:
             lines += [f"*({s.seconds:.0f} s)*", ""]
     return "\n".join(lines)
+
+
+def measured_commit() -> str:
+    """The checkout's commit (short hash and subject), marked when the work tree had changes."""
+    try:
+        head = subprocess.run(["git", "log", "-1", "--format=%h %s"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    if not head:
+        return "unknown (not a git checkout)"
+    hash_, _, subject = head.partition(" ")
+    subject = subject.replace("`", "'")
+    subject = subject if len(subject) <= 80 else subject[:77] + "..."
+    return f"`{hash_}` ({subject}){' with uncommitted changes' if dirty else ''}"
 
 
 def _goal_table(goals: list[Goal]) -> str:

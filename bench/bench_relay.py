@@ -157,7 +157,7 @@ Results = dict[tuple[str, str, str], list[Measure]]  # (workload key or bare kin
 
 async def run(opts: Options) -> Section:
     rounds = opts.pick(5, 2)
-    sizes = Sizes(24, 3, 6000) if opts.quick else Sizes(64, 8, 16000)
+    sizes = Sizes(24, 3, 6000) if opts.quick else Sizes(48, 6, 12000)
     warm = Sizes(2, 0.5, 1000)
     started = time.perf_counter()
     results: Results = {}

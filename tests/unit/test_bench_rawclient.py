@@ -201,7 +201,7 @@ def test_scale_goals_pool_the_rounds_of_64_sessions_store_on_and_off() -> None:
     runs = [_level(64, True, on, [0.01] * 99 + [0.5]), _level(64, True, on, [0.01] * 100),
             _level(64, False, [(0.001, 0.0), (0.02, 100.0), (0.05, 100.0), (INF, 100.0)], [0.03] * 10),
             _level(1, True, [(0.001, 0.0), (INF, 10.0)], [1.0])]
-    body, goals = bench_scale.render(runs, 2, 256)
+    body, goals = bench_scale.render(runs, 2, 192, 512)
     verdicts = {g.name: g.met for g in goals}
     assert verdicts["64 sessions streaming: loop lag p50 (store on)"] is True
     assert verdicts["64 sessions streaming: loop lag p99 (store on)"] is False
