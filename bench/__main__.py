@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(quick=args.quick, rounds=args.rounds)
 
     os.chdir(ROOT)
+    commit = measured_commit()  # before the run: what was measured, whatever happens to the tree meanwhile
     load_before, avail_before = os.getloadavg(), cpu_availability()
     began = time.perf_counter()
     sections: list[Section] = []
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after, avail_after = os.getloadavg(), cpu_availability()
 
     document = render(sections, opts, elapsed, machine_table(load_before, avail_before, load_after, avail_after),
-                      partial=bool(args.only))
+                      partial=bool(args.only), commit=commit)
     out = args.out if args.out is not None else (None if args.only else str(DEFAULT_OUT))
     if out in (None, "-"):
         print(document)
@@ -134,7 +135,8 @@ def _workers_body(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def render(sections: list[Section], opts: Options, elapsed: float, machine: str, partial: bool) -> str:
+def render(sections: list[Section], opts: Options, elapsed: float, machine: str, partial: bool,
+           commit: str = "") -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mode = "`--quick` (short windows, one round: a smoke run, not the reference numbers)" if opts.quick else "full"
     lines = [
@@ -145,7 +147,7 @@ def render(sections: list[Section], opts: Options, elapsed: float, machine: str,
         "(`--only <name>` prints that section instead of rewriting this file).",
         "",
         f"This run: {now}, {mode}, {elapsed / 60:.1f} minutes{' (partial: --only)' if partial else ''}, "
-        f"of commit {measured_commit()}.  Everything "
+        f"of commit {commit or measured_commit()}.  Everything "
         "runs on 127.0.0.1; the servers under test are subprocesses started exactly as users start them, "
         "the client is one Python process using `websockets` (what users run) or, where a row says *raw*, a "
         "byte-counting client that reads only frame headers (`bench/rawclient.py`).  Every gateway runs with "

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -97,9 +98,12 @@ async def bench_idle_memory(count: int = 4) -> dict[str, float]:
     finally:
         await sup.close()
     mib = 2 ** 20
-    return {"worker_uss_mib": round(statistics.mean(workers) / mib, 2),
-            "watchdog_uss_mib": round(statistics.mean(watchdogs) / mib, 2),
-            "worker_rss_shared_note": "USS = pages unique to the process; the rest is shared copy-on-write"}
+    result: dict[str, Any] = {"worker_uss_mib": round(statistics.mean(workers) / mib, 2),
+                              "worker_rss_shared_note": "USS = pages unique to the process; the rest is shared "
+                                                        "copy-on-write"}
+    if watchdogs:  # an idle pooled worker may have no child process (then there is nothing to report)
+        result["watchdog_uss_mib"] = round(statistics.mean(watchdogs) / mib, 2)
+    return result
 
 
 def bench_scrub(megabytes: int = 20) -> dict[str, float]:

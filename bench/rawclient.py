@@ -62,9 +62,13 @@ class RawClient:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 80), timeout)
         key = new_key()
-        writer.write(handshake_request(parts.hostname, parts.port or 80, target, key))
-        response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-        check_handshake_response(response, key)
+        try:
+            writer.write(handshake_request(parts.hostname, parts.port or 80, target, key))
+            response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+            check_handshake_response(response, key)
+        except BaseException:
+            writer.transport.abort()  # no half-open socket left behind by a refused handshake
+            raise
         client = cls()
         leftover = bytes(reader._buffer)  # noqa: SLF001 - frames that arrived with the response
         reader._buffer.clear()  # noqa: SLF001
@@ -97,6 +101,8 @@ class RawClient:
         c = self.counters
         now = time.perf_counter()
         for f in frames:
+            if self.closed_at is not None:
+                return  # nothing after a close frame counts (RFC 6455 5.5.1)
             opcode = f.opcode
             if opcode == Opcode.TEXT or opcode == Opcode.CONTINUATION:
                 c.frames += 1
