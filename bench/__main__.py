@@ -125,7 +125,7 @@ def _workers_body(data: dict[str, Any]) -> str:
     if "worker_uss_mib" in mem:
         other.append(("USS of an idle pooled worker", f"{mem['worker_uss_mib']} MiB"))
     if "watchdog_uss_mib" in mem:
-        other.append(("USS of its watchdog process", f"{mem['watchdog_uss_mib']} MiB"))
+        other.append(("USS of its session keeper (or watchdog) process", f"{mem['watchdog_uss_mib']} MiB"))
     scrub = data.get("scrub") or {}
     for key, value in scrub.items():
         if key.endswith("_mb_per_s"):

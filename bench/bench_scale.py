@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import lag_buckets, lag_window, pool_ready, running_gateway, wait_until
-from bench.procs import ROOT, ServerProcess, groups, rss, uss
+from bench.procs import ROOT, ServerProcess, rss, session_processes, uss
 from bench.rawclient import RawClient
 from bench.report import Goal, Options, Section, mib, ms, num, table
 from bench.stats import Buckets, histogram_quantile, median, percentile, spread
@@ -46,7 +46,7 @@ class Level:
     gateway_rss_idle: int
     gateway_rss_peak: int
     worker_uss: list[int]
-    session_uss: list[int]  # every process of the session's group: the worker and its watchdog
+    session_uss: list[int]  # every process of the session at rest: the worker and its keeper (or watchdog)
     lag_buckets: Buckets = field(default_factory=list)  # the lag histogram's delta over the transfer
     pings: list[float] = field(default_factory=list)  # round trips (lower bounds for unanswered pings)
 
@@ -101,7 +101,7 @@ async def one_level(gateway: ServerProcess, n: int, total_mb: float, store: bool
         await asyncio.sleep(0.5)
         pids = [c["worker_pid"] for c in created]
         worker_uss = await asyncio.to_thread(uss, pids)
-        members = await asyncio.to_thread(groups, pids)
+        members = await asyncio.to_thread(session_processes, pids)
         session_uss = [sum(await asyncio.to_thread(uss, members[pid])) for pid in pids]
         rss_idle = rss(gateway.pid)
         peak = [rss_idle]
@@ -212,7 +212,7 @@ def render(runs: list[Level], rounds: int, total_mb: float, total_64_mb: float) 
         "and the ping p99 all rounds' pings.",
         table(("sessions", "store", "aggregate MiB/s", "seconds", "loop lag p50 (ms)", "loop lag p99 (ms)",
                "loop lag max (ms)", "ping RTT p99 (ms)", "gateway RSS idle (MiB)", "gateway RSS peak (MiB)",
-               "USS per idle worker (MiB)", "USS per idle session, worker + watchdog (MiB)"), rows),
+               "USS per idle worker (MiB)", "USS per idle session, worker + keeper (MiB)"), rows),
         "USS (unique set size) is the memory a process would give back by exiting: workers are forked from a "
         "forkserver that already imported their code, so most of their RSS is shared copy-on-write.  "
         "Measured with the `load` agent loaded, before its first turn.  The ping column is the `gateway.ping` "
@@ -223,7 +223,7 @@ def render(runs: list[Level], rounds: int, total_mb: float, total_64_mb: float) 
     ])
     goals = [
         Goal("USS per idle worker", "< 15 MB", f"{uss_median / 1e6:.1f} MB per worker, {session_median / 1e6:.1f} MB "
-             f"with its watchdog (medians of {len(all_uss)} workers)", uss_median < 15e6),
+             f"with its keeper (medians of {len(all_uss)} workers)", uss_median < 15e6),
     ]
     for store in (True, False):
         mine = [x for x in runs if x.n == 64 and x.store == store]
