@@ -109,7 +109,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

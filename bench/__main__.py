@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(quick=args.quick, rounds=args.rounds)
 
     os.chdir(ROOT)
+    commit = measured_commit()  # before the run: what was measured, whatever happens to the tree meanwhile
     load_before, avail_before = os.getloadavg(), cpu_availability()
     began = time.perf_counter()
     sections: list[Section] = []
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after, avail_after = os.getloadavg(), cpu_availability()
 
     document = render(sections, opts, elapsed, machine_table(load_before, avail_before, load_after, avail_after),
-                      partial=bool(args.only))
+                      partial=bool(args.only), commit=commit)
     out = args.out if args.out is not None else (None if args.only else str(DEFAULT_OUT))
     if out in (None, "-"):
         print(document)
@@ -124,7 +125,7 @@ def _workers_body(data: dict[str, Any]) -> str:
     if "worker_uss_mib" in mem:
         other.append(("USS of an idle pooled worker", f"{mem['worker_uss_mib']} MiB"))
     if "watchdog_uss_mib" in mem:
-        other.append(("USS of its watchdog process", f"{mem['watchdog_uss_mib']} MiB"))
+        other.append(("USS of its session keeper (or watchdog) process", f"{mem['watchdog_uss_mib']} MiB"))
     scrub = data.get("scrub") or {}
     for key, value in scrub.items():
         if key.endswith("_mb_per_s"):
@@ -134,7 +135,8 @@ def _workers_body(data: dict[str, Any]) -> str:
     return "\n\n".join(parts)
 
 
-def render(sections: list[Section], opts: Options, elapsed: float, machine: str, partial: bool) -> str:
+def render(sections: list[Section], opts: Options, elapsed: float, machine: str, partial: bool,
+           commit: str = "") -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     mode = "`--quick` (short windows, one round: a smoke run, not the reference numbers)" if opts.quick else "full"
     lines = [
@@ -144,10 +146,13 @@ def render(sections: list[Section], opts: Options, elapsed: float, machine: str,
         "edit by hand: the next run rewrites this file.  Every table says how to reproduce it alone "
         "(`--only <name>` prints that section instead of rewriting this file).",
         "",
-        f"This run: {now}, {mode}, {elapsed / 60:.1f} minutes{' (partial: --only)' if partial else ''}.  Everything "
+        f"This run: {now}, {mode}, {elapsed / 60:.1f} minutes{' (partial: --only)' if partial else ''}, "
+        f"of commit {commit or measured_commit()}.  Everything "
         "runs on 127.0.0.1; the servers under test are subprocesses started exactly as users start them, "
-        "the client is one Python process using `websockets`.  Every gateway runs with the session store on "
-        "(the default for users; here each in a fresh temporary `--state-dir`) unless its row says `--no-state`.",
+        "the client is one Python process using `websockets` (what users run) or, where a row says *raw*, a "
+        "byte-counting client that reads only frame headers (`bench/rawclient.py`).  Every gateway runs with "
+        "the session store on (the default for users; here each in a fresh temporary `--state-dir`) unless "
+        "its row says `--no-state`.",
         "",
         "## Machine",
         "",
@@ -168,6 +173,23 @@ def render(sections: list[Section], opts: Options, elapsed: float, machine: str,
         if s.seconds:
             lines += [f"*({s.seconds:.0f} s)*", ""]
     return "\n".join(lines)
+
+
+def measured_commit() -> str:
+    """The checkout's commit (short hash and subject), marked when the work tree had changes."""
+    try:
+        head = subprocess.run(["git", "log", "-1", "--format=%h %s"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    if not head:
+        return "unknown (not a git checkout)"
+    hash_, _, subject = head.partition(" ")
+    subject = subject.replace("`", "'")
+    subject = subject if len(subject) <= 80 else subject[:77] + "..."
+    return f"`{hash_}` ({subject}){' with uncommitted changes' if dirty else ''}"
 
 
 def _goal_table(goals: list[Goal]) -> str:

@@ -31,3 +31,26 @@ class RelayOnly(Agent):
                 return TurnResult("interrupted")
             emit("tool.output", payload)
         return None
+
+
+class Deltas(Agent):
+    """Emits ``n`` ``message.delta`` events of ``bytes`` characters each (token streaming: the per-event
+    cost of the relay path, not its bytes).  Deltas are not scrubbed in any agent (``TurnHandle.delta``).
+    Prompt: ``n=<int> bytes=<int>``.
+    """
+
+    def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
+        args = dict(token.partition("=")[::2] for token in text.split())
+        try:
+            count = int(args.get("n", "0"))
+            size = int(args.get("bytes", "20"))
+        except ValueError as exc:
+            return TurnResult("error", error=f"bad prompt {text!r}: {exc}")
+        if not 1 <= size <= 4096:
+            return TurnResult("error", error="bytes must be 1..4096")
+        piece = "x" * size
+        for i in range(count):
+            if i % 256 == 0 and turn.cancelled:
+                return TurnResult("interrupted")
+            turn.delta(piece)
+        return None

@@ -11,7 +11,8 @@ permessage-deflate):
   the stall worker-gateway exists to avoid.
 - ``/bare``: the relay ceiling.  The client sends ``{"count": n, "chunk_kb": k, "turn_id": t}``; the server
   sends ``n`` copies of one pre-encoded ``tool.output`` event frame, byte for byte what the gateway relays
-  for a ``load`` chunk of ``k`` KiB, then ``turn.complete``.  No pipes, no workers, no per-frame work:
+  for a ``load`` chunk of ``k`` KiB, then ``turn.complete``.  With ``"delta_bytes": b`` instead of
+  ``chunk_kb``: ``n`` ``message.delta`` frames of ``b`` characters (what ``bench.agents:Deltas`` emits).  No pipes, no workers, no per-frame work:
   what uvicorn + starlette can push through one WebSocket.
 - ``/healthz`` and ``/metrics``: the same loop-lag monitor and histogram as the gateway; with
   ``--lag-log PATH`` every sample is also appended to PATH (a stalled loop cannot answer ``/metrics``).
@@ -192,10 +193,14 @@ async def bare_endpoint(websocket: WebSocket) -> None:
     try:
         while True:
             ask = json.loads(await websocket.receive_text())
-            size = int(ask["chunk_kb"]) * 1024
             turn_id = str(ask["turn_id"])
-            payload = {"turn_id": turn_id, "text": _chunk_text("bare", size, []), "redactions": 0}
-            frame = rpc.wrap_event("tool.output", encode_json(payload), "sbare", 1).decode()
+            if "delta_bytes" in ask:  # token streaming: what bench.agents:Deltas emits
+                frame = rpc.wrap_event("message.delta", encode_json(
+                    {"turn_id": turn_id, "text": "x" * int(ask["delta_bytes"])}), "sbare", 1).decode()
+            else:
+                size = int(ask["chunk_kb"]) * 1024
+                payload = {"turn_id": turn_id, "text": _chunk_text("bare", size, []), "redactions": 0}
+                frame = rpc.wrap_event("tool.output", encode_json(payload), "sbare", 1).decode()
             for _ in range(int(ask["count"])):
                 await websocket.send_text(frame)
             await websocket.send_text(rpc.wrap_event("turn.complete", encode_json(

@@ -1,11 +1,20 @@
-"""2. Relay throughput: worker output through the gateway vs a bare uvicorn + starlette endpoint.
+"""2. Relay throughput: worker output through the gateway vs a bare uvicorn + starlette endpoint (issue 18).
 
-One ``websockets`` client, one session: ``load output_mb=200 chunk_kb=64`` is generated, scrubbed and
-encoded by the worker, framed over the pipe, wrapped in the envelope by the gateway and sent.  The ceiling
-is the baseline app's ``/bare`` endpoint sending the same number of pre-encoded event frames of the same
-size through the same uvicorn + starlette stack to the same client.  Small events (``chunk_kb=1``) show the
-per-event cost.  Time runs from the submit to the ``turn.complete``; MiB/s counts every byte of the event
-frames received.
+Four workloads, each on three servers and with two clients, in one run:
+
+- workloads: relay-only 64 KiB events (``bench.agents:RelayOnly``: the gateway's relay path), the ``load``
+  agent's 64 KiB events (generated, scrubbed, encoded in the worker), relay-only 1 KiB events, and token
+  deltas (``bench.agents:Deltas``: ~20-byte ``message.delta`` payloads);
+- servers: the baseline app's ``/bare`` endpoint (the same number of pre-encoded frames of the same size
+  through the same uvicorn + starlette stack, no worker, no pipe, no envelope), the gateway with its store
+  on (a temporary ``--state-dir``), and the gateway with ``--no-state``;
+- clients: the raw byte-counting client (``bench.rawclient``: frame headers only, so the servers' capacity
+  shows) and the ``websockets`` client users run (``bench.wsclient``).
+
+Time runs from the submit to the ``turn.complete``.  Ratios are events/s of the gateway ÷ the bare
+endpoint's in the same round with the same client, then the median over rounds; in every round the sides
+take turns, the order reversed every other round.  CPU µs per event: each process's CPU time over the
+transfer (``bench.procs.cpu_snapshot``) ÷ the events received.
 """
 
 from __future__ import annotations
@@ -13,17 +22,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from bench.common import running, running_gateway, writer_pid
-from bench.procs import ServerProcess, cpu_seconds
+from bench.procs import ServerProcess, cpu_delta, cpu_snapshot
+from bench.rawclient import RawClient
 from bench.report import Goal, Options, Section, num, table
-from bench.stats import median
+from bench.stats import median, ratios, spread
 from bench.wsclient import BenchClient
 
 KEY = "relay"
+DELTA_BYTES = 20
+#: The bare endpoint is several times faster: its transfers are this many times longer, so that they are not
+#: dominated by the round trip that starts them (ratios are of events/s, so sizes need not match).
+BARE_SCALE = 4
 _turns = itertools.count(1)
 
 
@@ -45,189 +61,271 @@ class Measure:
     def events_s(self) -> float:
         return self.events / self.seconds
 
+    def us_per_event(self, attr: str) -> float:
+        return getattr(self, attr) / self.events * 1e6 if self.events else math.nan
 
-async def through_gateway(gateway: ServerProcess, client: BenchClient, session_id: str, worker_pid: int,
+
+@dataclass(frozen=True)
+class Workload:
+    key: str
+    label: str
+    agent: str
+    prompt: str  # format fields: mb, kb, n
+    bare: str  # which bare transfer it is compared with
+    kb: int = 0  # event size for chunked workloads; 0 for token deltas
+
+
+WORKLOADS = (
+    Workload("relay64", "relay-only, 64 KiB events", "bench.agents:RelayOnly", "mb={mb:g} chunk_kb=64", "64k", 64),
+    Workload("load64", "`load` agent, 64 KiB events", "load", "output_mb={mb:g} chunk_kb=64", "64k", 64),
+    Workload("relay1", "relay-only, 1 KiB events", "bench.agents:RelayOnly", "mb={mb:g} chunk_kb=1", "1k", 1),
+    Workload("tokens", f"token deltas ({DELTA_BYTES}-byte text)", "bench.agents:Deltas",
+             "n={n} bytes=" + str(DELTA_BYTES), "tokens"),
+)
+BARE = {"64k": "bare, 64 KiB event frames", "1k": "bare, 1 KiB event frames",
+        "tokens": f"bare, `message.delta` frames ({DELTA_BYTES}-byte text)"}
+GATEWAYS = ("store", "nostate")
+GATEWAY_LABEL = {"store": "gateway, store on", "nostate": "gateway `--no-state`", "bare": "bare uvicorn + starlette"}
+CLIENTS = ("raw", "ws")
+CLIENT_LABEL = {"raw": "raw", "ws": "`websockets`"}
+Client = Any  # RawClient | BenchClient: the same interface for what is used here
+
+
+@dataclass(frozen=True)
+class Sizes:
+    mb64: float
+    mb1: float
+    deltas: int
+
+    def amount(self, bare: str) -> tuple[float, int]:
+        """(MiB, events) of one transfer of this kind."""
+        if bare == "64k":
+            return self.mb64, int(self.mb64 * 16)
+        if bare == "1k":
+            return self.mb1, int(self.mb1 * 1024)
+        return 0.0, self.deltas
+
+
+async def through_gateway(gateway: ServerProcess, client: Client, session_id: str, worker_pid: int,
                           prompt: str) -> Measure:
     counters = client.reset_counters()
     writer = writer_pid(gateway.pid)
-    cpu0, wcpu0, ccpu0 = cpu_seconds([gateway.pid]), cpu_seconds([worker_pid]), time.process_time()
-    scpu0 = cpu_seconds([writer]) if writer else 0.0
+    watched = [[gateway.pid], [worker_pid], [writer] if writer else []]
+    before, ccpu0 = [cpu_snapshot(p) for p in watched], time.process_time()
     started = time.perf_counter()
     done = await client.submit(session_id, prompt)
     result = await asyncio.wait_for(done, 600)
     seconds = time.perf_counter() - started
+    client_cpu = time.process_time() - ccpu0
+    server_cpu, worker_cpu, writer_cpu = (cpu_delta(b, cpu_snapshot(p)) for b, p in zip(before, watched))
     assert result["status"] == "ok", result
-    return Measure(seconds, counters.event_bytes, counters.events, cpu_seconds([gateway.pid]) - cpu0,
-                   cpu_seconds([worker_pid]) - wcpu0, time.process_time() - ccpu0,
-                   (cpu_seconds([writer]) - scpu0) if writer else 0.0)
+    return Measure(seconds, counters.event_bytes, counters.events, server_cpu, worker_cpu, client_cpu, writer_cpu)
 
 
-async def through_bare(bare: ServerProcess, client: BenchClient, output_mb: float, chunk_kb: int) -> Measure:
+async def through_bare(bare: ServerProcess, client: Client, kind: str, sizes: Sizes) -> Measure:
+    """``kind``: "64k", "1k" or "tokens" (``count`` frames of that kind, then ``turn.complete``)."""
     counters = client.reset_counters()
     turn_id = f"bare.{next(_turns)}"
-    count = int(output_mb * 1024 / chunk_kb)
+    count = sizes.amount(kind)[1] * BARE_SCALE
+    ask: dict[str, Any] = {"count": count, "turn_id": turn_id}
+    if kind == "tokens":
+        ask["delta_bytes"] = DELTA_BYTES
+    else:
+        ask["chunk_kb"] = 64 if kind == "64k" else 1
     done = client.expect_turn(turn_id)
-    cpu0, ccpu0 = cpu_seconds([bare.pid]), time.process_time()
+    cpu0, ccpu0 = cpu_snapshot([bare.pid]), time.process_time()
     started = time.perf_counter()
-    await client.ws.send(json.dumps({"count": count, "chunk_kb": chunk_kb, "turn_id": turn_id}))
+    await client.send_text(json.dumps(ask))
     await asyncio.wait_for(done, 600)
     seconds = time.perf_counter() - started
-    return Measure(seconds, counters.event_bytes, counters.events, cpu_seconds([bare.pid]) - cpu0, 0.0,
-                   time.process_time() - ccpu0)
+    client_cpu = time.process_time() - ccpu0
+    return Measure(seconds, counters.event_bytes, counters.events, cpu_delta(cpu0, cpu_snapshot([bare.pid])), 0.0,
+                   client_cpu)
 
 
-_PRODUCERS = {
-    # key: (agent, prompt format)
-    "load": ("load", "output_mb={mb:g} chunk_kb={kb}"),
-    "relay": ("bench.agents:RelayOnly", "mb={mb:g} chunk_kb={kb}"),
-}
+def prompt_for(w: Workload, sizes: Sizes) -> str:
+    mb, n = sizes.amount(w.bare)
+    return w.prompt.format(mb=mb, n=n)
+
+
+async def _open(kind: str, url: str) -> Client:
+    return await (RawClient.open(url) if kind == "raw" else BenchClient.open(url))
+
+
+Results = dict[tuple[str, str, str], list[Measure]]  # (workload key or bare kind, server, client) -> rounds
 
 
 async def run(opts: Options) -> Section:
-    rounds = opts.pick(5, 1)
-    big_mb, small_mb = (50, 5) if opts.quick else (200, 20)
+    rounds = opts.pick(5, 2)
+    sizes = Sizes(24, 3, 6000) if opts.quick else Sizes(48, 6, 12000)
+    warm = Sizes(2, 0.5, 1000)
     started = time.perf_counter()
-    results: dict[tuple[str, int], list[Measure]] = {}
-    # The gateway as users run it (the store on, here in a temporary state dir), and a second one with
-    # ``--no-state`` for the relay-only 64 KiB row (issue 18: the same table with the store on and off).
-    async with running_gateway(ping=False) as gateway, \
-            running_gateway(store=False, ping=False) as nostate, \
+    results: Results = {}
+    async with running_gateway(ping=False) as store_gw, running_gateway(store=False, ping=False) as nostate_gw, \
             running(ServerProcess.baseline()) as bare:
-        gw_client = await BenchClient.open(gateway.ws_url())
-        ns_client = await BenchClient.open(nostate.ws_url())
-        bare_client = await BenchClient.open(bare.ws_url("/bare"))
+        servers = {"store": store_gw, "nostate": nostate_gw}
+        clients: dict[tuple[str, str], Client] = {}
+        sessions: dict[tuple[str, str, str], tuple[str, int]] = {}  # (server, client, agent) -> (sid, worker pid)
         try:
-            sessions = {}
-            for key, (agent, prompt) in _PRODUCERS.items():
-                created = await gw_client.call("session.create", agent=agent)
-                sessions[key] = (created["session_id"], created["worker_pid"], prompt)
-            agent, relay_prompt = _PRODUCERS["relay"]
-            created = await ns_client.call("session.create", agent=agent)
-            ns_session = (created["session_id"], created["worker_pid"], relay_prompt)
+            for ck in CLIENTS:
+                clients[("bare", ck)] = await _open(ck, bare.ws_url("/bare"))
+                for sk in GATEWAYS:
+                    client = clients[(sk, ck)] = await _open(ck, servers[sk].ws_url())
+                    for agent in {w.agent for w in WORKLOADS}:
+                        created = await client.call("session.create", agent=agent)
+                        sessions[(sk, ck, agent)] = (created["session_id"], created["worker_pid"])
+
+            def gateway_side(w: Workload, sk: str, ck: str, sz: Sizes) -> Callable[[], Awaitable[Measure]]:
+                sid, wpid = sessions[(sk, ck, w.agent)]
+                return lambda: through_gateway(servers[sk], clients[(sk, ck)], sid, wpid, prompt_for(w, sz))
+
+            def bare_side(kind: str, ck: str, sz: Sizes) -> Callable[[], Awaitable[Measure]]:
+                return lambda: through_bare(bare, clients[("bare", ck)], kind, sz)
+
             # Warm-up (calibrations, first-use allocations), not measured.
-            for sid, wpid, prompt in sessions.values():
-                await through_gateway(gateway, gw_client, sid, wpid, prompt.format(mb=2, kb=64))
-            await through_gateway(nostate, ns_client, ns_session[0], ns_session[1], relay_prompt.format(mb=2, kb=64))
-            await through_bare(bare, bare_client, 2, 64)
+            for ck in CLIENTS:
+                for w in WORKLOADS:
+                    for sk in GATEWAYS:
+                        await gateway_side(w, sk, ck, warm)()
+                for kind in BARE:
+                    await bare_side(kind, ck, warm)()
             for r in range(rounds):
-                for kb, mb in ((64, big_mb), (1, small_mb)):
-                    sides = [(key, through_gateway(gateway, gw_client, sid, wpid, prompt.format(mb=mb, kb=kb)))
-                             for key, (sid, wpid, prompt) in sessions.items()]
-                    if kb == 64:
-                        sides.append(("relay-nostate", through_gateway(nostate, ns_client, ns_session[0],
-                                                                       ns_session[1], relay_prompt.format(mb=mb, kb=kb))))
-                    sides.append(("bare", through_bare(bare, bare_client, mb, kb)))
-                    if r % 2:
-                        sides.reverse()
-                    for name, coro in sides:
-                        m = await coro
-                        results.setdefault((name, kb), []).append(m)
-                        print(f"  relay round {r + 1}/{rounds} {name} chunk_kb={kb}: {m.mib_s:.1f} MiB/s, "
-                              f"{m.events_s:,.0f} events/s, server CPU {m.server_cpu / m.seconds:.0%}", flush=True)
-            for sid, _, _ in sessions.values():
-                await gw_client.call("session.close", session_id=sid)
-            await ns_client.call("session.close", session_id=ns_session[0])
+                for ck in CLIENTS:
+                    for kind in BARE:
+                        sides = [((w.key, sk, ck), gateway_side(w, sk, ck, sizes))
+                                 for w in WORKLOADS if w.bare == kind for sk in GATEWAYS]
+                        sides.append(((kind, "bare", ck), bare_side(kind, ck, sizes)))
+                        if r % 2:
+                            sides.reverse()
+                        for key, side in sides:
+                            m = await side()
+                            results.setdefault(key, []).append(m)
+                            print(f"  relay round {r + 1}/{rounds} {key[0]} {key[1]} client={key[2]}: "
+                                  f"{m.mib_s:.1f} MiB/s, {m.events_s:,.0f} events/s, "
+                                  f"server {m.us_per_event('server_cpu'):.1f} µs/event", flush=True)
+            for (sk, ck, _agent), (sid, _) in sessions.items():
+                await clients[(sk, ck)].call("session.close", session_id=sid)
         finally:
-            await gw_client.close()
-            await ns_client.close()
-            await bare_client.close()
-
-    def med(key: tuple[str, int], attr: str) -> float:
-        return median([getattr(m, attr) for m in results[key]])
-
-    def ratio(name: str, kb: int, attr: str) -> float:
-        return median([getattr(g, attr) / getattr(b, attr) for g, b in zip(results[(name, kb)], results[("bare", kb)])])
-
-    labels = {
-        "load": ("worker-gateway (store on), `load` agent", "`load output_mb={mb} chunk_kb={kb}`"),
-        "relay": ("worker-gateway (store on), relay-only agent", "`bench.agents:RelayOnly mb={mb} chunk_kb={kb}`"),
-        "relay-nostate": ("worker-gateway `--no-state`, relay-only agent",
-                          "`bench.agents:RelayOnly mb={mb} chunk_kb={kb}`"),
-        "bare": ("bare uvicorn + starlette", "{n:,} pre-encoded {kb} KiB event frames"),
-    }
-    rows = []
-    for kb, mb in ((64, big_mb), (1, small_mb)):
-        for name in ("load", "relay", "relay-nostate", "bare"):
-            key = (name, kb)
-            if key not in results:
-                continue
-            seconds = med(key, "seconds")
-            label, what = labels[name]
-            gateway_cpu = med(key, "server_cpu")
-            rows.append((label, what.format(mb=mb, kb=kb, n=mb * 1024 // kb), num(med(key, "mib_s")),
-                         num(med(key, "events_s"), 0),
-                         f"{ratio(name, kb, 'mib_s'):.2f}" if name != "bare" else "1",
-                         num(seconds, 2), f"{gateway_cpu / seconds:.0%}",
-                         num(med(key, "event_bytes") / 2**20 / gateway_cpu, 0) if gateway_cpu > 0 else "–",
-                         f"{med(key, 'worker_cpu') / seconds:.0%}" if name != "bare" else "–",
-                         f"{med(key, 'writer_cpu') / seconds:.0%}" if name in ("load", "relay") else "–",
-                         f"{med(key, 'client_cpu') / seconds:.0%}",
-                         f"{(gateway_cpu + med(key, 'worker_cpu') + med(key, 'writer_cpu') + med(key, 'client_cpu')) / seconds:.0%}"))
-    ratio_load = ratio("load", 64, "mib_s")
-    ratio_relay = ratio("relay", 64, "mib_s")
-    body = "\n\n".join([
-        f"{rounds} round(s); in each, the gateway producers and the bare endpoint take turns (order reversed "
-        "every other round); medians, and ratios as the median of per-round ratios.  One warm-up transfer "
-        "each first.  The gateway runs with its defaults, as users run it: **the session store on** (a "
-        "temporary `--state-dir`: every event is written to SQLite by the writer process and sent once "
-        "durable), protocol ping off on loopback, 4 MiB outbound queue per connection.  The `--no-state` "
-        "row is a second gateway with the store off, for the relay-only 64 KiB case (section 6 compares the "
-        "two in more detail).",
-        table(("server", "what is sent", "MiB/s", "events/s", "× bare", "seconds", "server CPU",
-               "MiB per server CPU-second", "worker CPU", "store writer CPU", "client CPU", "CPU, all"), rows),
-        "Server CPU: CPU seconds of the gateway (or bare app) process during the transfer ÷ wall time "
-        "(100% = one core); *MiB per server CPU-second* is what that process could move if it had a whole "
-        f"core and its producer kept up.  Worker CPU: the session's worker process; store writer CPU: the "
-        f"gateway's SQLite writer process; client CPU: the benchmark "
-        f"process receiving the frames; the last column is their sum, out of {os.cpu_count() * 100}% on this "
-        "machine.  The `load` agent "
-        "generates, scrubs and JSON-encodes every chunk in its worker (the realistic producer); the "
-        "relay-only agent (`bench/agents.py`) emits a constant unscrubbed chunk, so its row shows the gateway's "
-        "relay path itself.  The bare endpoint sends one pre-encoded frame over and over: no worker, no "
-        "pipe, no envelope: the ceiling of uvicorn + starlette and of this client.",
-        _reading(med, ratio_relay),
-    ])
-    note = ""
-    if ratio_load < 0.6:
-        load_key = ("load", 64)
-        seconds = med(load_key, "seconds")
-        busy = (med(load_key, "server_cpu") + med(load_key, "worker_cpu") + med(load_key, "writer_cpu")
-                + med(load_key, "client_cpu")) / seconds
-        bare_per_cpu = med(("bare", 64), "event_bytes") / med(("bare", 64), "server_cpu")
-        relay_per_cpu = med(("relay", 64), "event_bytes") / med(("relay", 64), "server_cpu")
-        note = (f"during the `load` transfer the gateway was busy {med(load_key, 'server_cpu') / seconds:.0%}, the "
-                f"worker {med(load_key, 'worker_cpu') / seconds:.0%} (generating, scrubbing, JSON-encoding), the "
-                f"store writer {med(load_key, 'writer_cpu') / seconds:.0%} and the client "
-                f"{med(load_key, 'client_cpu') / seconds:.0%}, {busy:.0%} of {os.cpu_count() * 100}%: one stream is "
-                "bounded by the hand-offs between the processes (and, with the store on, by the writer's commits), "
-                f"while the bare ceiling has no producer, no pipe and no store.  The relay-only agent gets "
-                f"{ratio_relay:.2f}× with the store on, {ratio('relay-nostate', 64, 'mib_s'):.2f}× with `--no-state`; "
-                f"per byte the gateway process spends ~{bare_per_cpu / relay_per_cpu:.0f}× the bare sender's CPU")
-    goals = [Goal("relay throughput vs bare uvicorn + starlette (64 KiB events)", "≥ 0.6×",
-                  f"{ratio_load:.2f}× with `load` ({num(med(('load', 64), 'mib_s'))} vs "
-                  f"{num(med(('bare', 64), 'mib_s'))} MiB/s); relay path alone {ratio_relay:.2f}× "
-                  f"(`--no-state`: {ratio('relay-nostate', 64, 'mib_s'):.2f}×); store on",
-                  ratio_load >= 0.6, note)]
+            await asyncio.gather(*(c.close() for c in clients.values()), return_exceptions=True)
+    body, goals = render(results, rounds, sizes)
     return Section(KEY, "2. Relay throughput", ".venv/bin/python -m bench --only relay", body, goals,
                    time.perf_counter() - started)
 
 
-def _reading(med, ratio_relay: float) -> str:  # type: ignore[no-untyped-def]
-    """What this run's CPU figures say about the bottleneck (computed, so it stays true to the numbers)."""
-    key = ("relay", 64)
-    seconds = med(key, "seconds")
-    gateway, worker, writer, client = (med(key, k) / seconds
-                                       for k in ("server_cpu", "worker_cpu", "writer_cpu", "client_cpu"))
-    total = gateway + worker + writer + client
+# Rendering (pure) ----------------------------------------------------------------------------------------------
+def _range(values: list[float], digits: int = 1, suffix: str = "") -> str:
+    mid, lo, hi = spread(values)
+    if math.isnan(mid):
+        return "–"
+    if len(values) == 1:
+        return f"{num(mid, digits)}{suffix}"
+    return f"{num(mid, digits)}{suffix} ({num(lo, digits)}–{num(hi, digits)})"
+
+
+def _rows_order() -> list[tuple[str, str, str]]:
+    """(result key, server, label) in table order: each workload's gateways, then its bare ceiling."""
+    order = []
+    for kind in BARE:
+        for w in WORKLOADS:
+            if w.bare == kind:
+                order += [(w.key, sk, w.label) for sk in GATEWAYS]
+        order.append((kind, "bare", BARE[kind]))
+    return order
+
+
+def event_ratios(results: Results, key: str, server: str, client: str, attr: str = "events_s") -> list[float]:
+    """Per-round gateway ÷ bare of ``attr`` (events/s, or a CPU figure), same client, same round."""
+    w = next(w for w in WORKLOADS if w.key == key)
+    mine, bare = results.get((key, server, client), []), results.get((w.bare, "bare", client), [])
+    return ratios([getattr(m, attr) for m in mine], [getattr(b, attr) for b in bare])
+
+
+def cpu_ratios(results: Results, key: str, server: str, client: str) -> list[float]:
+    """Per-round gateway server CPU per event ÷ the bare server's."""
+    w = next(w for w in WORKLOADS if w.key == key)
+    mine, bare = results.get((key, server, client), []), results.get((w.bare, "bare", client), [])
+    return ratios([m.us_per_event("server_cpu") for m in mine], [b.us_per_event("server_cpu") for b in bare])
+
+
+def render(results: Results, rounds: int, sizes: Sizes) -> tuple[str, list[Goal]]:
+    thr_rows, cpu_rows = [], []
+    for ck in CLIENTS:
+        for key, server, label in _rows_order():
+            ms = results.get((key, server, ck))
+            if not ms:
+                continue
+            mb, n = sizes.amount(key if server == "bare" else next(w.bare for w in WORKLOADS if w.key == key))
+            if server == "bare":
+                mb, n = mb * BARE_SCALE, n * BARE_SCALE
+            what = f"{n:,} events" + (f", {mb:g} MiB" if mb else "")
+            bare_row = server == "bare"
+            thr_rows.append((label, GATEWAY_LABEL[server], CLIENT_LABEL[ck], what,
+                             _range([m.mib_s for m in ms]), _range([m.events_s for m in ms], 0),
+                             "1" if bare_row else _range(event_ratios(results, key, server, ck), 2),
+                             _range([m.seconds for m in ms], 2)))
+            cpu_rows.append((label, GATEWAY_LABEL[server], CLIENT_LABEL[ck],
+                             _range([m.us_per_event("server_cpu") for m in ms]),
+                             "1" if bare_row else _range(cpu_ratios(results, key, server, ck), 2),
+                             "–" if server != "store" else _range([m.us_per_event("writer_cpu") for m in ms]),
+                             "–" if bare_row else _range([m.us_per_event("worker_cpu") for m in ms]),
+                             _range([m.us_per_event("client_cpu") for m in ms]),
+                             _range([(m.server_cpu + m.worker_cpu + m.writer_cpu + m.client_cpu) / m.seconds * 100
+                                     for m in ms], 0, "%")))
     cores = (os.cpu_count() or 1) * 100
-    store = (f"  With `--no-state` the same transfer runs at {num(med(('relay-nostate', 64), 'mib_s'))} MiB/s "
-             f"against {num(med(key, 'mib_s'))} MiB/s with the store on (section 6).")
-    if total < 0.75 * (os.cpu_count() or 1):
-        return (f"Reading: with the relay-only agent no process is saturated (gateway {gateway:.0%}, worker "
-                f"{worker:.0%}, store writer {writer:.0%}, client {client:.0%}; {total:.0%} of {cores}%), so one "
-                "stream is bounded by the hand-offs between the processes (every event wakes the gateway on the "
-                "worker's pipe, then waits for the writer's commit and its fsync, then wakes the client on the "
-                "socket) rather than by any one of them; several streams together go faster (section 5)." + store)
-    return (f"Reading: the processes together use {total:.0%} of the {cores}% this machine has (gateway "
-            f"{gateway:.0%}, worker {worker:.0%}, store writer {writer:.0%}, client {client:.0%}): the run is "
-            "CPU-bound." + store)
+    body = "\n\n".join([
+        f"{rounds} round(s) after one warm-up transfer of each; in each round and for each client, every "
+        "workload's gateway sides and its bare endpoint take turns (order reversed every other round).  "
+        "Medians, ranges over rounds in brackets; *× bare* is the gateway's events/s ÷ the bare endpoint's "
+        f"in the same round with the same client (then the median; the bare transfers are {BARE_SCALE}× longer, "
+        "as its rate is several times higher).  The gateways run as users run them "
+        "(store on in a temporary `--state-dir`, or `--no-state`), protocol ping off on loopback.  The "
+        "*raw* client (`bench/rawclient.py`) does the WebSocket handshake by hand and reads only frame "
+        "headers (small frames whole, a prefix of big ones): it shows what the servers can push.  The "
+        "`websockets` client decodes every frame in Python, as a user's client would: for small events "
+        "it is the bottleneck on both sides.",
+        table(("workload", "server", "client", "per transfer", "MiB/s", "events/s", "× bare", "seconds"),
+              thr_rows),
+        "**CPU per event.** µs of CPU per event received: each process's CPU time over the transfer ÷ "
+        "events (summed over its threads from `/proc/<pid>/task/*/schedstat`, nanosecond resolution; psutil "
+        "`cpu_times`, whose 10 ms tick is too coarse for a transfer this short, when a thread exited "
+        "meanwhile; the client's from `time.process_time`): *server* is the gateway process (or the bare app), *writer* the gateway's SQLite store "
+        "writer process, *worker* the session's worker, *client* the benchmark process.  *Server ÷ bare* "
+        "compares the gateway's own cost per event with the bare server's (same round, same client).  "
+        f"*CPU, all*: the four processes together ÷ wall time, out of {cores}% on this machine.",
+        table(("workload", "server", "client", "server µs/event", "server ÷ bare", "writer µs/event",
+               "worker µs/event", "client µs/event", "CPU, all"), cpu_rows),
+        "The relay-only agent (`bench/agents.py`) emits a constant unscrubbed chunk, so its rows show the "
+        "gateway's relay path itself; the `load` agent generates, scrubs and JSON-encodes every chunk in its "
+        "worker (the realistic producer); `bench.agents:Deltas` emits `message.delta` events as a model "
+        "streaming tokens would.  The bare endpoint sends one pre-encoded frame over and over: the ceiling "
+        "of uvicorn + starlette on this machine.",
+    ])
+    return body, goals(results)
+
+
+# (workload, target ratio of events/s vs bare) and (workload, target ratio of server CPU per event vs bare)
+THROUGHPUT_GOALS = (("relay64", 0.6), ("load64", 0.4), ("relay1", 1.0), ("tokens", 1.0))
+CPU_GOALS = (("relay64", 2.0, "64 KiB event"), ("tokens", 1.5, "token event"))
+
+
+def goals(results: Results) -> list[Goal]:
+    out = []
+    labels = {w.key: w.label for w in WORKLOADS}
+    for sk in GATEWAYS:
+        mode = "store on" if sk == "store" else "`--no-state`"
+        for key, target in THROUGHPUT_GOALS:
+            raw = spread(event_ratios(results, key, sk, "raw"))
+            ws = spread(event_ratios(results, key, sk, "ws"))
+            measured = (f"{raw[0]:.2f}× ({raw[1]:.2f}–{raw[2]:.2f}) with the raw client; `websockets` client "
+                        f"{ws[0]:.2f}× ({ws[1]:.2f}–{ws[2]:.2f})")
+            out.append(Goal(f"relay throughput vs bare, {labels[key]} ({mode})", f"≥ {target:g}×", measured,
+                            None if math.isnan(raw[0]) else raw[0] >= target))
+        for key, target, what in CPU_GOALS:
+            r = spread(cpu_ratios(results, key, sk, "raw"))
+            mine = median([m.us_per_event("server_cpu") for m in results.get((key, sk, "raw"), [])])
+            bare_kind = next(w.bare for w in WORKLOADS if w.key == key)
+            theirs = median([m.us_per_event("server_cpu") for m in results.get((bare_kind, "bare", "raw"), [])])
+            out.append(Goal(f"gateway server CPU per {what} vs the bare server's ({mode})", f"≤ {target:g}×",
+                            f"{r[0]:.2f}× ({r[1]:.2f}–{r[2]:.2f}): {num(mine)} vs {num(theirs)} µs (raw client)",
+                            None if math.isnan(r[0]) else r[0] <= target))
+    return out

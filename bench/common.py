@@ -9,7 +9,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import psutil
@@ -63,6 +63,7 @@ class LagWindow:
     p99: float
     max: float
     samples: int
+    buckets: Buckets = field(default_factory=list)  # the histogram delta itself, to pool windows
 
 
 async def lag_buckets(server: ServerProcess, timeout: float = 120.0) -> Buckets:
@@ -80,7 +81,7 @@ async def lag_window(server: ServerProcess, before: Buckets, timeout: float = 12
     bound = histogram_max_bound(delta)
     worst = min(recent_max, bound) if not math.isnan(recent_max) else bound
     return LagWindow(histogram_quantile(0.5, delta), histogram_quantile(0.99, delta), worst,
-                     int(delta[-1][1]) if delta else 0)
+                     int(delta[-1][1]) if delta else 0, delta)
 
 
 async def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

@@ -199,3 +199,48 @@ def http_ok(url: str) -> bool:
             return True
     except (urllib.error.URLError, OSError):
         return False
+
+
+def cpu_snapshot(pids: list[int]) -> tuple[float, float]:
+    """(on-CPU seconds from the threads' ``schedstat``, nanosecond resolution; the same from psutil
+    ``cpu_times``, clock-tick resolution) of ``pids``, for ``cpu_delta``."""
+    precise = 0.0
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                        precise += int(f.read().split()[0]) / 1e9
+        except OSError:
+            pass
+    return precise, cpu_seconds(pids)
+
+
+def cpu_delta(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """CPU seconds between two ``cpu_snapshot``s.  The 10 ms clock tick of ``cpu_times`` is too coarse for
+    a transfer of a fraction of a second, so the per-thread figure is used, unless a thread exited in
+    between (its time leaves the per-thread sum, not the process's ``cpu_times``): then ``cpu_times``."""
+    precise, coarse = after[0] - before[0], after[1] - before[1]
+    tick = 1.0 / os.sysconf("SC_CLK_TCK")
+    return precise if precise > 0 and abs(precise - coarse) <= 2 * tick + 0.05 * coarse else coarse
+
+
+def keeper_of(worker_pid: int) -> int:
+    """The session keeper above a worker (``workers/keeper.py``: the worker's parent, a session leader, in a
+    group of its own), or 0 when the worker has none (its watchdog, if any, is then in its group)."""
+    try:
+        parent = psutil.Process(worker_pid).ppid()
+        return parent if parent > 1 and os.getsid(parent) == parent else 0
+    except (psutil.Error, OSError):
+        return 0
+
+
+def session_processes(worker_pids: list[int]) -> dict[int, list[int]]:
+    """For each worker: every process of its session at rest, its group's members and its keeper (one scan
+    of /proc for all of them)."""
+    members = groups(worker_pids)
+    out = {}
+    for pid in worker_pids:
+        keeper = keeper_of(pid)
+        out[pid] = members[pid] + ([keeper] if keeper and keeper not in members[pid] else [])
+    return out

@@ -61,3 +61,16 @@ def histogram_max_bound(buckets: Buckets) -> float:
             result = le
         previous = count
     return result
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the non-nan ``values``; all nan when there are none."""
+    clean = [v for v in values if not math.isnan(v)]
+    if not clean:
+        return math.nan, math.nan, math.nan
+    return statistics.median(clean), min(clean), max(clean)
+
+
+def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
+    """Pairwise ratios (per round); a pair with a zero or nan denominator gives nan."""
+    return [n / d if d and not math.isnan(d) else math.nan for n, d in zip(numerators, denominators)]

@@ -140,6 +140,9 @@ class BenchClient:
             if future is not None and not future.done():
                 future.set_result(payload)
 
+    async def send_text(self, text: str) -> None:
+        await self.ws.send(text)
+
     async def request(self, method: str, params: dict[str, Any] | None = None,
                       timeout: float = 60.0) -> dict[str, Any]:
         request_id = next(self._ids)
