@@ -72,3 +72,28 @@ def test_an_existing_4096_page_database_keeps_its_pages_and_its_events(tmp_path:
     assert [seq for seq, _ in old_rows] == list(range(1, 21))
     assert all(frame == b"%d:" % seq + b"x" * 65536 for seq, frame in old_rows)
     conn.close()
+
+
+def test_the_writer_checkpoints_between_commits_once_the_wal_has_grown(tmp_path: Path) -> None:
+    """Commits leave the WAL to grow (SQLite's own autocheckpoint is only a far safety net); the loop's
+    checkpoint, run after the acknowledgements went out, copies it into the database file."""
+    path = database_path(tmp_path)
+    conn = open_database(path)
+    writer = SqliteWriter(conn, retention_s=3600.0, max_bytes=1 << 40)
+    decoder = FrameDecoder()
+    size, seq = 64 * 1024, 0
+    while not writer.checkpoint_due:
+        data = b"".join(pipe.encode_append("a", seq + i, "tool.output", b"x" * size) for i in range(1, 17))
+        seq += 16
+        for frame in decoder.feed(data):
+            writer.submit(frame)
+        assert [f.json() for f in decoder.feed(b"".join(writer.commit()))] == [{"a": seq}]
+    assert seq * size < AUTOCHECKPOINT_BYTES  # SQLite's own bound was not reached: nothing copied yet
+    before = path.stat().st_size
+    assert before < size * seq // 2
+    writer.checkpoint()
+    assert not writer.checkpoint_due
+    assert path.stat().st_size >= size * seq  # the events are in the database file now
+    busy, log_frames, checkpointed = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and log_frames == checkpointed  # nothing left to copy: the WAL restarts
+    conn.close()
