@@ -46,6 +46,9 @@ logger = logging.getLogger("worker_gateway.store")
 DEFAULT_MAX_WRITE_BUFFER = 64 * 1024 * 1024
 #: Capacity asked for the request pipe (see ``_widen_pipe``).
 PIPE_BYTES = 1024 * 1024
+#: Frames queued within one loop iteration go to the pipe in one write at its end (one syscall and one
+#: copy for a whole burst of events, not one per event); a burst this large is written at once.
+OUTBOX_FLUSH_BYTES = 1024 * 1024
 
 
 class EventStore:
@@ -77,6 +80,9 @@ class EventStore:
         self._requests: dict[int, _Request] = {}
         self._unacked: dict[str, deque[tuple[int, int]]] = {}
         self._pending_bytes = 0
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._flush_scheduled = False
         self._closing = False
         self._closed = False
         self._pump_task: asyncio.Task[None] | None = None
@@ -262,6 +268,8 @@ class EventStore:
     async def _abort(self) -> None:
         """End the writer (politely: EOF makes it commit and exit; SIGKILL after a deadline)."""
         self._closing = True
+        with contextlib.suppress(ChannelError):
+            self._flush()  # queued appends reach the writer, which commits them at EOF
         self._writer.close()
         try:
             await asyncio.wait_for(asyncio.shield(self._exit_task), 10.0)
@@ -322,7 +330,11 @@ class EventStore:
 
     def append(self, session_id: str, seq: int, event_type: str, frame: bytes) -> None:
         """Queue one encoded event; ``on_durable`` reports it once committed.  Seqs per session ascend."""
-        self._send(pipe.encode_append(session_id, seq, event_type, frame))
+        self._check_open()
+        head = pipe.encode_append_head(session_id, seq, event_type, len(frame))
+        self._outbox.append(head)
+        self._outbox.append(frame)  # the event's own bytes: copied once, by the burst's join
+        self._queued(len(head) + len(frame))
         self._unacked.setdefault(session_id, deque()).append((seq, len(frame)))
         self._pending_bytes += len(frame)
 
@@ -331,12 +343,47 @@ class EventStore:
         self._send(pipe.encode_put_state(session_id, through_seq, state))
 
     def _send(self, data: bytes) -> None:
+        self._check_open()
+        self._outbox.append(data)
+        self._queued(len(data))
+
+    def _check_open(self) -> None:
         if self._closing or self._writer.closed or self._exit_task.done():
             raise StoreError(self._health or "the store is closed")
+
+    def _queued(self, nbytes: int) -> None:
+        """Frames were added to the outbox: write it at the end of this loop iteration (or now, if big)."""
+        self._outbox_bytes += nbytes
+        if self._outbox_bytes >= OUTBOX_FLUSH_BYTES:
+            try:
+                self._flush()
+            except ChannelError as exc:
+                raise StoreError(f"the store writer is not keeping up: {exc}") from exc
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush(self) -> None:
+        """Write the outbox to the pipe, in order.  A writer that stopped reading (ChannelError) ends the
+        store: what was queued is never acknowledged, hence never sent to a client."""
+        if not self._outbox:
+            return
+        data = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+        self._outbox = []
+        self._outbox_bytes = 0
         try:
             self._writer.write(data)
+        except ChannelError:
+            self._set_health("the store writer is not keeping up")
+            self._writer.close()
+            raise
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        try:
+            self._flush()
         except ChannelError as exc:
-            raise StoreError(f"the store writer is not keeping up: {exc}") from exc
+            logger.error("store: %s; nothing more can be made durable", exc)
 
     # -- requests (awaited; answered by the writer off the loop) ---------------------------------------
 
@@ -391,7 +438,8 @@ class EventStore:
         request = _Request(asyncio.get_running_loop().create_future())
         self._requests[request_id] = request
         try:
-            self._writer.write(control_frame(op, {**body, "id": request_id}))
+            self._outbox.append(control_frame(op, {**body, "id": request_id}))
+            self._flush()  # after every write queued before it: a read sees them
             await asyncio.wait_for(asyncio.shield(request.done), self._request_timeout_s)
         except ChannelError as exc:
             raise StoreError(f"the store writer is not keeping up: {exc}") from exc

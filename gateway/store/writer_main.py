@@ -126,7 +126,9 @@ def run(
         if holding != listening_paused:  # not reading: do not wake up for data we will not read
             poller.modify(read_fd, 0 if holding else select.POLLIN)
             listening_paused = holding
-        for fd, mask in poller.poll(timeout_ms):
+        ready = poller.poll(timeout_ms)
+        idle = not ready and timeout_ms == int(IDLE_POLL_S * 1000)
+        for fd, mask in ready:
             if fd == pidfd:
                 ending = True
             elif holding and mask & (select.POLLHUP | select.POLLERR):
@@ -169,6 +171,8 @@ def run(
             gateway.send(writer.commit() if retry else writer.answer_requests())
             if writer.health is not None and (retry or health_before is None):
                 next_retry = now + RETRY_S
+            if writer.checkpoint_due and not final:
+                writer.checkpoint()  # after the acknowledgements went out: off the commit's path
         if final:
             if writer.health is not None and writer.queued_writes:
                 break  # the last attempt failed too: exit loudly rather than spin
@@ -176,6 +180,8 @@ def run(
                 break  # what the pipe held is committed
         elif writer.maintenance_due() and writer.health is None:
             writer.maintenance_step()
+        elif idle and writer.health is None:
+            writer.checkpoint()  # a whole idle period passed: a checkpoint now costs nobody a wait
     lost_rows, lost_bytes = writer.queued_writes, writer.queued_bytes
     writer.close()
     if lost_rows:

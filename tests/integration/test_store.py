@@ -233,9 +233,9 @@ async def test_state_dir_is_created_private(tmp_path: Path, acks: Acks) -> None:
 
 
 async def test_full_disk_fails_closed_and_acknowledges_only_what_was_written(tmp_path: Path, acks: Acks) -> None:
-    s = await open_store(tmp_path, acks, _max_page_count=60)
+    s = await open_store(tmp_path, acks, _max_page_count=16)
     for seq in range(1, 2001):
-        s.append("s1", seq, "tool.output", frame(seq, size=1000))  # ~2 MB into a ~240 kB "disk"
+        s.append("s1", seq, "tool.output", frame(seq, size=1000))  # ~2 MB into a 1 MiB "disk" (64 KiB pages)
     await async_wait_for(lambda: s.health is not None, 20, what="health degraded")
     assert "full" in s.health and acks.health[-1] == s.health
     acknowledged = acks.highest("s1")

@@ -249,7 +249,7 @@ def test_failed_commit_acknowledges_nothing_and_retries_the_same_writes(tmp_path
     writer = make(tmp_path, max_page_count=40)
     append(writer, "a", range(1, 3))
     assert controls(writer.commit(), StoreOp.DURABLE) == [{"a": 2}]
-    append(writer, "a", range(3, 400), size=2000)  # ~800 kB: far past 40 pages
+    append(writer, "a", range(3, 400), size=20000)  # ~8 MB: far past 40 pages of 64 KiB
     out = writer.commit()
     assert controls(out, StoreOp.DURABLE) == []
     [health] = controls(out, StoreOp.HEALTH)
