@@ -212,16 +212,19 @@ class Connection:
         queue = self._queue
         since_yield = 0
         while True:
-            if not queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                since_yield = 0
-                continue
-            if sink.paused:
+            # A paused transport is waited on even with nothing queued when someone waits on its draining
+            # (the budget is closed, or drain listeners are owed): a write larger than the budget leaves the
+            # queue empty and the transport full, and only this wait sees the kernel take the rest.
+            if sink.paused and (queue or self._drain_owed or not self._room.is_set()):
                 self._sending_since = loop.time()
                 await sink.wait_writable()
                 self._sending_since = None
                 self._progress()
+                continue
+            if not queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                since_yield = 0
                 continue
             if not sink.open:
                 self.mark_closed()

@@ -284,14 +284,18 @@ def release_process(spawned: SpawnedWorker, returncode: int | None) -> None:
     spawned.process.close()
 
 
-def abandon(spawned: SpawnedWorker) -> None:
-    """Kill a worker nobody will own (its starter was cancelled) and close the gateway's pipe ends."""
+def abandon(spawned: SpawnedWorker, closed: tuple[int, ...] = ()) -> None:
+    """Kill a worker nobody will own (its starter was cancelled) and close the gateway's pipe ends, except
+    those in ``closed`` (already closed by a reader or writer that owned them: closing a number twice could
+    close another thread's new pipe)."""
     for pgid in (spawned.pid, spawned.keeper_pid):
         try:
             os.killpg(pgid, signal.SIGKILL)
         except OSError:
             pass
     for fd in (spawned.read_fd, spawned.write_fd):
+        if fd in closed:
+            continue
         try:
             os.close(fd)
         except OSError:

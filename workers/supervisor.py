@@ -472,13 +472,13 @@ class Supervisor:
                 spawned.read_fd, max_queued_bytes=self._max_queued_bytes, read_budget_bytes=self._read_budget_bytes
             )
         except BaseException:
-            launch.abandon(spawned)
+            launch.abandon(spawned, closed=(spawned.read_fd,))  # open_frame_reader owns (and closed) it
             raise
         try:
             writer = await open_frame_writer(spawned.write_fd)
         except BaseException:
             reader.close()
-            launch.abandon(spawned)
+            launch.abandon(spawned, closed=(spawned.read_fd, spawned.write_fd))
             raise
         handle = WorkerHandle(spawned, reader, writer, kill_grace_s=self._kill_grace_s, on_exit=self._on_exit)
         self._workers.add(handle)

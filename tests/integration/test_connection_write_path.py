@@ -39,7 +39,7 @@ class Script:
 
 @contextlib.asynccontextmanager
 async def serve(path: str, script: Script, max_buffered: int = 4 << 20,
-                stall_timeout: float | None = None) -> AsyncIterator[str]:
+                stall_timeout: float | None = None, sndbuf: int | None = None) -> AsyncIterator[str]:
     async def endpoint(websocket: WebSocket) -> None:
         await websocket.accept()
         conn = Connection(websocket, max_buffered, stall_timeout=stall_timeout)
@@ -57,6 +57,8 @@ async def serve(path: str, script: Script, max_buffered: int = 4 << 20,
                             ws_ping_interval=None)
     server = uvicorn.Server(config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if sndbuf is not None:  # accepted sockets inherit it: the kernel then takes a big write in pieces
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
@@ -192,3 +194,39 @@ async def test_a_peer_that_stops_reading_is_bounded_then_detected(path: str) -> 
     # What the app held for this connection stayed within its budget (plus the one frame that crossed it).
     assert script.peak_outbound < budget + 70_000
     assert script.settled == sorted(script.settled) and script.sent > budget // 65_000
+
+
+class OneHugeReply(Script):
+    """One frame far larger than the budget (an ``events.since`` page can be 8 MiB against a 4 MiB budget),
+    with a drain listener registered, as a session that stopped pumping would have."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.drained = asyncio.Event()
+
+    async def run(self, conn: Connection) -> None:
+        conn.add_drain_listener("session", self.drained.set)
+        conn.send(b'"' + b"x" * self.size + b'"', self.settled.append, 1)
+        while (await conn.websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_the_budget_reopens_once_the_client_has_read_a_reply_larger_than_it(path: str) -> None:
+    script = OneHugeReply(2 * 1024 * 1024)
+    async with serve(path, script, max_buffered=512 * 1024, sndbuf=32 * 1024) as url:
+        host, port = url.removeprefix("ws://").split("/")[0].split(":")
+        client_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        client_sock.connect((host, int(port)))
+        client_sock.setblocking(False)
+        async with websockets.connect(url, sock=client_sock, max_size=None) as client:
+            message = await asyncio.wait_for(client.recv(), 30)
+            assert len(message) == script.size + 2
+            (conn,) = script.conns
+            # Before the fix the transport drained with nothing queued and nobody looked again: the room
+            # stayed closed (the receive loop waits on it) and the drain listeners were never called.
+            await asyncio.wait_for(conn.wait_for_room(), 10)
+            await asyncio.wait_for(script.drained.wait(), 10)
+            assert conn.has_room and script.settled == [1]

@@ -106,7 +106,9 @@ class RaySlashWorker:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ref.future()), timeout)
         except TimeoutError:
-            self._backend._host_failed(self._host, f"slash {method} timed out")
+            # One slash worker not taking its input must not end every session on the node: the host is
+            # only suspect, and its ping (the heartbeat's test) decides whether it has stopped answering.
+            self._backend._host_suspect(self._host)
             raise ConnectionError(
                 f"the host actor on Ray node {self.node[:12]} did not answer within {timeout:g} s"
             ) from None
