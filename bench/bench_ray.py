@@ -13,10 +13,8 @@ Run alone: ``.venv/bin/python -m bench.bench_ray [--quick]``; ``make bench`` can
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -27,7 +25,7 @@ from dataclasses import dataclass
 import psutil
 
 from bench.procs import ServerProcess, cpu_seconds, descendants, group_members
-from bench.report import Goal, Options, Section, ms, num, table
+from bench.report import Goal, Options, Section, ms, num, run_alone, table
 from bench.stats import median, percentile
 from bench.wsclient import BenchClient
 
@@ -178,19 +176,7 @@ async def run(opts: Options) -> Section:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_ray", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer sessions and rounds, less volume")
-    parser.add_argument("--json", action="store_true", help="print the section as JSON")
-    args = parser.parse_args(argv)
-    section = asyncio.run(run(Options(quick=args.quick)))
-    if args.json:
-        print(json.dumps({"key": section.key, "body": section.body,
-                          "goals": [g.__dict__ for g in section.goals]}, indent=2))
-    else:
-        print(section.body)
-        for goal in section.goals:
-            print(f"- {goal.name}: {goal.measured} (target {goal.target}) {'met' if goal.met else 'NOT met'}")
-    return 0
+    return run_alone("python -m bench.bench_ray", __doc__ or "", run, argv, "fewer sessions and rounds, less volume")
 
 
 if __name__ == "__main__":

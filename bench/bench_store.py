@@ -15,16 +15,14 @@ Run alone: ``.venv/bin/python -m bench.bench_store [--quick]``; ``make bench`` h
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import time
 from collections import deque
 from pathlib import Path
 
-from bench.report import Goal, Options, Section, ms, num, table
+from bench.report import Goal, Options, Section, ms, num, run_alone, table
 from bench.stats import percentile
 from gateway.store import EventStore
 
@@ -155,19 +153,7 @@ async def run(opts: Options) -> Section:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_store", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter windows, less volume")
-    parser.add_argument("--json", action="store_true", help="print the section as JSON")
-    args = parser.parse_args(argv)
-    section = asyncio.run(run(Options(quick=args.quick)))
-    if args.json:
-        print(json.dumps({"key": section.key, "body": section.body,
-                          "goals": [g.__dict__ for g in section.goals]}, indent=2))
-    else:
-        print(section.body)
-        for goal in section.goals:
-            print(f"- {goal.name}: {goal.measured} (target {goal.target}) {'met' if goal.met else 'NOT met'}")
-    return 0
+    return run_alone("python -m bench.bench_store", __doc__ or "", run, argv, "shorter windows, less volume")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,11 @@ only counted (type read from the envelope prefix), pings answered with pongs.  S
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 import urllib.parse
-from typing import Any
 
-from bench.wsclient import EVENT_PREFIX, Counters, RpcFailure, _fail
+from bench.wsclient import EVENT_PREFIX, RpcSide, _fail
 from bench.wsframes import (FrameError, FrameScanner, Opcode, check_handshake_response, client_frame,
                             handshake_request, new_key)
 
@@ -36,22 +34,14 @@ class _Protocol(asyncio.Protocol):
         self.client._on_lost(repr(exc) if exc else "eof")
 
 
-class RawClient:
+class RawClient(RpcSide):
     """One connection; see the module docstring.  ``open`` does the handshake and waits for ``gateway.ready``."""
 
     def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.counters = Counters()
-        self.closed_at: float | None = None
-        self.close_reason = ""
-        self.ready: asyncio.Future[dict[str, Any]] = loop.create_future()
+        super().__init__()
         self._scanner = FrameScanner()
         self._transport: asyncio.Transport | None = None
         self._writer: asyncio.StreamWriter | None = None  # kept: dropping it may close the transport
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._turns: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._turn_done: dict[str, dict[str, Any]] = {}
         self._message_head = b""  # first fragment of a fragmented message
 
     @classmethod
@@ -135,19 +125,6 @@ class RawClient:
                 if self._transport is not None:
                     self._transport.close()
 
-    def _on_event(self, params: dict[str, Any]) -> None:
-        kind = params["type"]
-        if kind == "gateway.ready":
-            if not self.ready.done():
-                self.ready.set_result(params["payload"])
-        elif kind == "turn.complete":
-            payload = params["payload"]
-            turn_id = payload["turn_id"]
-            self._turn_done[turn_id] = payload
-            future = self._turns.pop(turn_id, None)
-            if future is not None and not future.done():
-                future.set_result(payload)
-
     def _on_lost(self, reason: str) -> None:
         if self.closed_at is not None:
             return
@@ -165,43 +142,6 @@ class RawClient:
 
     async def send_text(self, text: str) -> None:
         self._send(Opcode.TEXT, text.encode())
-
-    async def request(self, method: str, params: dict[str, Any] | None = None,
-                      timeout: float = 60.0) -> dict[str, Any]:
-        request_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
-        if params is not None:
-            message["params"] = params
-        try:
-            self._send(Opcode.TEXT, json.dumps(message).encode())
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            self._pending.pop(request_id, None)
-
-    async def call(self, method: str, timeout: float = 60.0, **params: Any) -> dict[str, Any]:
-        response = await self.request(method, params or None, timeout)
-        if "error" in response:
-            raise RpcFailure(method, response["error"])
-        return response["result"]
-
-    async def submit(self, session_id: str, text: str) -> asyncio.Future[dict[str, Any]]:
-        """Submit a prompt; returns a future resolved with its ``turn.complete`` payload."""
-        result = await self.call("prompt.submit", session_id=session_id, text=text)
-        return self.expect_turn(result["turn_id"])
-
-    def expect_turn(self, turn_id: str) -> asyncio.Future[dict[str, Any]]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        if turn_id in self._turn_done:
-            future.set_result(self._turn_done.pop(turn_id))
-        else:
-            self._turns[turn_id] = future
-        return future
-
-    def reset_counters(self) -> Counters:
-        self.counters = Counters()
-        return self.counters
 
     async def close(self) -> None:
         transport = self._transport

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import math
 import os
 import platform
@@ -9,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 PACKAGES = ("worker-gateway", "uvicorn", "starlette", "websockets", "uvloop", "httptools", "multiprocess",
             "psutil", "prometheus-client")
@@ -132,3 +135,23 @@ def _loop_name() -> str:
         return "uvloop (uvicorn's auto choice; httptools for HTTP), in the gateway and the baselines alike"
     except ImportError:
         return "asyncio (uvloop not installed)"
+
+
+def run_alone(prog: str, doc: str, run: Callable[[Options], Awaitable[Section]], argv: list[str] | None,
+              quick_help: str) -> int:
+    """``python -m bench.<name> [--quick] [--json]``: one benchmark's section printed (or as JSON), with its
+    goals' verdicts, without rewriting docs/BENCHMARKS.md."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", action="store_true", help="print the section as JSON")
+    args = parser.parse_args(argv)
+    section = asyncio.run(run(Options(quick=args.quick)))  # type: ignore[arg-type]
+    if args.json:
+        as_json: dict[str, Any] = {"key": section.key, "body": section.body,
+                                   "goals": [g.__dict__ for g in section.goals]}
+        print(json.dumps(as_json, indent=2))
+    else:
+        print(section.body)
+        for goal in section.goals:
+            print(f"- {goal.name}: {goal.measured} (target {goal.target}) {'met' if goal.met else 'NOT met'}")
+    return 0

@@ -59,19 +59,83 @@ class PingStats:
         return self.rtts + self.unanswered
 
 
-class BenchClient:
-    """One connection.  ``open`` with ``ping=(interval, timeout)`` to turn on the protocol keepalive."""
+class RpcSide:
+    """The JSON-RPC bookkeeping both benchmark clients share (this one and ``bench/rawclient.py``): request
+    ids and their pending answers, ``gateway.ready``, and the ``turn.complete`` of each submitted turn.
+    A subclass reads its transport, resolves ``_pending`` answers, hands events to :meth:`_on_event`, and
+    provides :meth:`send_text`."""
 
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
+    def __init__(self) -> None:
         self.counters = Counters()
         self.closed_at: float | None = None
         self.close_reason = ""
+        self.ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._turns: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._turn_done: dict[str, dict[str, Any]] = {}
-        self.ready = asyncio.get_running_loop().create_future()
+
+    async def send_text(self, text: str) -> None:
+        raise NotImplementedError
+
+    def _on_event(self, params: dict[str, Any]) -> None:
+        kind = params["type"]
+        if kind == "gateway.ready":
+            if not self.ready.done():
+                self.ready.set_result(params["payload"])
+        elif kind == "turn.complete":
+            payload = params["payload"]
+            turn_id = payload["turn_id"]
+            self._turn_done[turn_id] = payload
+            future = self._turns.pop(turn_id, None)
+            if future is not None and not future.done():
+                future.set_result(payload)
+
+    async def request(self, method: str, params: dict[str, Any] | None = None,
+                      timeout: float = 60.0) -> dict[str, Any]:
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        try:
+            await self.send_text(json.dumps(message))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def call(self, method: str, timeout: float = 60.0, **params: Any) -> dict[str, Any]:
+        response = await self.request(method, params or None, timeout)
+        if "error" in response:
+            raise RpcFailure(method, response["error"])
+        return response["result"]
+
+    async def submit(self, session_id: str, text: str) -> asyncio.Future[dict[str, Any]]:
+        """Submit a prompt; returns a future resolved with its ``turn.complete`` payload."""
+        result = await self.call("prompt.submit", session_id=session_id, text=text)
+        return self.expect_turn(result["turn_id"])
+
+    def expect_turn(self, turn_id: str) -> asyncio.Future[dict[str, Any]]:
+        """A future for the ``turn.complete`` of ``turn_id`` (also for servers that start turns otherwise)."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if turn_id in self._turn_done:
+            future.set_result(self._turn_done.pop(turn_id))
+        else:
+            self._turns[turn_id] = future
+        return future
+
+    def reset_counters(self) -> Counters:
+        self.counters = Counters()
+        return self.counters
+
+
+class BenchClient(RpcSide):
+    """One connection.  ``open`` with ``ping=(interval, timeout)`` to turn on the protocol keepalive."""
+
+    def __init__(self, ws: Any) -> None:
+        super().__init__()
+        self.ws = ws
         self.pings = PingStats()
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self._pinger: asyncio.Task[None] | None = None
@@ -127,62 +191,8 @@ class BenchClient:
             for future in [*self._pending.values(), *self._turns.values(), self.ready]:
                 _fail(future, failure)
 
-    def _on_event(self, params: dict[str, Any]) -> None:
-        kind = params["type"]
-        if kind == "gateway.ready":
-            if not self.ready.done():
-                self.ready.set_result(params["payload"])
-        elif kind == "turn.complete":
-            payload = params["payload"]
-            turn_id = payload["turn_id"]
-            self._turn_done[turn_id] = payload
-            future = self._turns.pop(turn_id, None)
-            if future is not None and not future.done():
-                future.set_result(payload)
-
     async def send_text(self, text: str) -> None:
         await self.ws.send(text)
-
-    async def request(self, method: str, params: dict[str, Any] | None = None,
-                      timeout: float = 60.0) -> dict[str, Any]:
-        request_id = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        message: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "method": method}
-        if params is not None:
-            message["params"] = params
-        await self.ws.send(json.dumps(message))
-        try:
-            return await asyncio.wait_for(future, timeout)
-        finally:
-            self._pending.pop(request_id, None)
-
-    async def call(self, method: str, timeout: float = 60.0, **params: Any) -> dict[str, Any]:
-        response = await self.request(method, params or None, timeout)
-        if "error" in response:
-            raise RpcFailure(method, response["error"])
-        return response["result"]
-
-    async def submit(self, session_id: str, text: str) -> asyncio.Future[dict[str, Any]]:
-        """Submit a prompt; returns a future resolved with its ``turn.complete`` payload."""
-        result = await self.call("prompt.submit", session_id=session_id, text=text)
-        turn_id = result["turn_id"]
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        if turn_id in self._turn_done:
-            future.set_result(self._turn_done.pop(turn_id))
-        else:
-            self._turns[turn_id] = future
-        return future
-
-    def expect_turn(self, turn_id: str) -> asyncio.Future[dict[str, Any]]:
-        """A future for the ``turn.complete`` of ``turn_id`` (for servers that start turns otherwise)."""
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._turns[turn_id] = future
-        return future
-
-    def reset_counters(self) -> Counters:
-        self.counters = Counters()
-        return self.counters
 
     # App-level ping ---------------------------------------------------------------------------------------
     def start_pinging(self, every_s: float) -> None:
