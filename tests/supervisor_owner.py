@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from support import async_wait_for
+
 from workers.supervisor import Supervisor
 
 
@@ -20,8 +22,7 @@ async def main() -> None:
     for handle in (shell, regex):
         frame = await anext(handle.frames())
         assert frame.name == "turn.start", frame
-    while sup.pool_ready < 1:
-        await asyncio.sleep(0.02)
+    await async_wait_for(lambda: sup.pool_ready >= 1, 30, what="a warm worker in the pool")
     pooled = [w.pid for w in sup._pool]
     print(json.dumps({"shell": shell.pid, "regex": regex.pid, "pool": pooled}), flush=True)
     await asyncio.Event().wait()

@@ -14,21 +14,13 @@ import pytest
 
 from gateway.config import Config
 from gateway.slash import SlashRunner, SlashState
-from support import pgid_members
+from support import async_wait_for, pgid_members
 from worker_helpers import cpu_seconds, kept_child
 from test_slash_worker import FAKE_TOKEN, install_test_plugin
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
 
 SNAPSHOT = {"agent": "echo", "worker_pid": 1234, "uptime_s": 12.0, "turns": 1, "last_seq": 7}
-
-
-async def eventually(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class LagProbe:
@@ -147,10 +139,10 @@ async def test_a_process_a_command_left_in_its_own_session_ends_with_close(
         return [p for p in psutil.process_iter(["cmdline", "status"])
                 if p.info["status"] != psutil.STATUS_ZOMBIE and marker in (p.info["cmdline"] or [])]
 
-    await eventually(escaped, 10.0, "the escaped sleep")
+    await async_wait_for(escaped, 10.0, what="the escaped sleep")
     assert all(os.getsid(p.pid) != runner.pid for p in escaped())  # it left the worker's session
     await runner.close()
-    await eventually(lambda: not escaped(), 10.0, "the escaped sleep to end with the worker")
+    await async_wait_for(lambda: not escaped(), 10.0, what="the escaped sleep to end with the worker")
 
 
 async def test_close_ends_the_group_is_idempotent_and_refuses_later_commands(
@@ -175,7 +167,7 @@ async def test_close_during_a_running_command_answers_it_at_once(runner_factory)
     worker = kept_child(pid)  # the keeper's child runs the commands
     idle_cpu = cpu_seconds(worker)  # start-up and /help are done: only the regex can add to this
     running = asyncio.create_task(runner.exec("/grep '(a+)+$' evil.txt", SNAPSHOT))
-    await eventually(lambda: cpu_seconds(worker) - idle_cpu > 0.2, 10.0, "the regex to be in flight")
+    await async_wait_for(lambda: cpu_seconds(worker) - idle_cpu > 0.2, 10.0, what="the regex to be in flight")
     started = time.monotonic()
     await runner.close()
     reply = await asyncio.wait_for(running, 5.0)

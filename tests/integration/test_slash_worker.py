@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 import slash_worker
-from support import pgid_members
+from support import pgid_members, wait_for
 from worker_helpers import cpu_seconds, kept_child
 from workers.channel import FrameDecoder, Kind, control_frame
 
@@ -61,14 +61,6 @@ def install_test_plugin(root: Path) -> Path:
         "escape = wg_test_plugin:escape\n"
         "shout = wg_test_plugin:shout\nbroken = wg_test_plugin_missing:thing\nhelp = wg_test_plugin:nap\n")
     return root
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 class Worker:
@@ -259,7 +251,7 @@ def test_eof_on_requests_ends_the_group(worker: Worker, project: Path) -> None:
     assert worker.exec("/help", project)["ok"]
     assert len(pgid_members(worker.pid)) == 2  # the worker and its watchdog
     worker.stdin.close()
-    wait_until(lambda: not pgid_members(worker.pid), 3.0, "the worker's group to end after EOF")
+    wait_for(lambda: not pgid_members(worker.pid), 3.0, what="the worker's group to end after EOF")
 
 
 def test_parent_death_ends_the_group_even_while_a_command_holds_the_gil(project: Path) -> None:
@@ -273,10 +265,10 @@ def test_parent_death_ends_the_group_even_while_a_command_holds_the_gil(project:
         w.stdin.write(control_frame("exec", {"id": 1, "command": "/grep '(a+)+$' evil.txt", "cwd": str(project),
                                              "snapshot": {}}))
         w.stdin.flush()
-        wait_until(lambda: cpu_seconds(worker) - idle_cpu > 0.2, 10.0, "the regex to be in flight")
+        wait_for(lambda: cpu_seconds(worker) - idle_cpu > 0.2, 10.0, what="the regex to be in flight")
         stand_in.kill()
         stand_in.wait()
-        wait_until(lambda: not pgid_members(w.pid), 2.0, "the worker's group to end after its parent died")
+        wait_for(lambda: not pgid_members(w.pid), 2.0, what="the worker's group to end after its parent died")
     finally:
         stand_in.kill()
         w.stop()
@@ -286,7 +278,7 @@ def test_being_reparented_is_not_mistaken_for_parent_death(project: Path) -> Non
     w = Worker(os.getpid(), launcher=True)
     try:
         assert psutil.Process(w.pid).ppid() != os.getpid()  # the launcher exited: re-parented
-        wait_until(lambda: len(pgid_members(w.pid)) == 2, 10.0, "the worker and its keeper to start")
+        wait_for(lambda: len(pgid_members(w.pid)) == 2, 10.0, what="the worker and its keeper to start")
         observe_until = time.monotonic() + 0.5  # ten watchdog periods
         while time.monotonic() < observe_until:
             assert len(pgid_members(w.pid)) == 2

@@ -25,23 +25,13 @@ import pty_bridge
 from gateway import rpc
 from gateway.config import Config
 from gateway.terminals import OUT_HIGH_WATER, TerminalRegistry
+from support import async_wait_for
 from worker_helpers import kept_child
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX only")
 
 BASH = shutil.which("bash")
 SHELL = [BASH, "--norc", "--noprofile", "-i"] if BASH else ["/bin/sh", "-i"]
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def live(pids: list[int]) -> list[int]:
@@ -75,7 +65,7 @@ async def server_factory() -> AsyncIterator[Callable[..., Any]]:
                                                ws_ping_interval=None, ws_ping_timeout=None))
         task = asyncio.create_task(server.serve())
         started.append((server, task, registry))
-        await eventually(lambda: server.started or task.done(), 10.0, "uvicorn to start")
+        await async_wait_for(lambda: server.started or task.done(), 10.0, what="uvicorn to start")
         port = server.servers[0].sockets[0].getsockname()[1]
         return Server(registry, port)
 
@@ -241,7 +231,7 @@ async def test_dropped_socket_closes_the_terminal_after_the_grace(server_factory
         await view.send("echo attached\n")
         await view.expect(rb"[\r\n]attached\r\n")
     dropped = time.monotonic()
-    await eventually(lambda: server.registry.count == 0, 5.0, "the terminal to be closed after its grace")
+    await async_wait_for(lambda: server.registry.count == 0, 5.0, what="the terminal to be closed after its grace")
     assert time.monotonic() - dropped >= 0.3
     assert live([opened["pid"]]) == []
 
@@ -258,11 +248,11 @@ async def test_slow_socket_pauses_reading_and_the_program_blocks(server: Server,
     # No permessage-deflate: `yes` output compresses ~1000:1, which would hide gigabytes in a few sockets.
     async with View.connect(server.url(tid), max_queue=1, sock=sock, compression=None) as view:
         await view.expect(b"x" * 100)  # flowing; from now on the client reads nothing
-        state = await eventually(lambda: (s := server.registry.describe(tid))["reader"] == "paused" and s,
-                                 15.0, "the registry to stop reading the master fd")
+        state = await async_wait_for(lambda: (s := server.registry.describe(tid))["reader"] == "paused" and s,
+                                     15.0, what="the registry to stop reading the master fd")
         assert state["outbound_bytes"] <= OUT_HIGH_WATER + 65536
         program = kept_child(opened["pid"])  # the terminal's pid is its keeper's; `yes` is the child
-        await eventually(lambda: program.status() == psutil.STATUS_SLEEPING, 5.0, "yes to block in write()")
+        await async_wait_for(lambda: program.status() == psutil.STATUS_SLEEPING, 5.0, what="yes to block in write()")
         buffered = server.registry.describe(tid)["outbound_bytes"]
         for _ in range(10):  # stays bounded while nobody reads
             await asyncio.sleep(0.02)
@@ -308,7 +298,7 @@ async def test_list_shows_each_running_terminal_and_whether_it_is_attached(serve
         "pid": first["pid"], "path": first["path"], "cols": 100, "rows": 30, "attached": False}
     assert listed[0]["created_at"] <= listed[1]["created_at"] <= time.time()
     async with View.connect(server.url(first["terminal_id"])):
-        await eventually(lambda: server.registry.list_terminals()["terminals"][0]["attached"], 5.0, "attached")
+        await async_wait_for(lambda: server.registry.list_terminals()["terminals"][0]["attached"], 5.0, what="attached")
     await server.registry.close({"terminal_id": second["terminal_id"]})
     assert [t["terminal_id"] for t in server.registry.list_terminals()["terminals"]] == [first["terminal_id"]]
 

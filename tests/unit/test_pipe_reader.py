@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from support import async_wait_for
 
 from workers.channel import (
     ChannelError,
@@ -38,14 +39,6 @@ def run(loop_kind: str, main: Callable[[], Awaitable[Any]]) -> Any:
     factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main())
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 def fd_is_closed(fd: int) -> bool:
@@ -153,9 +146,9 @@ def test_partial_frame_across_reads(loop_kind: str) -> None:
         reader = await open_frame_reader(r)
         frame = event(7, 5000)
         os.write(w, frame[:3])  # not even a whole header
-        await until(lambda: reader._scanner.buffered == 3, "the first piece to be read")
+        await async_wait_for(lambda: reader._scanner.buffered == 3, 10.0, what="the first piece to be read")
         os.write(w, frame[3:2000])
-        await until(lambda: reader._scanner.buffered == 2000, "the second piece to be read")
+        await async_wait_for(lambda: reader._scanner.buffered == 2000, 10.0, what="the second piece to be read")
         assert reader.queued_bytes == 0
         os.write(w, frame[2000:] + event(8))
         got = [await asyncio.wait_for(anext(reader), 10) for _ in range(2)]
@@ -206,7 +199,7 @@ def test_pause_at_the_bound_and_resume_at_half(loop_kind: str) -> None:
         r, w = os.pipe()
         reader = await open_frame_reader(r, max_queued_bytes=limit)
         writer = asyncio.get_running_loop().run_in_executor(None, write_all, w)
-        await until(lambda: reader.paused, "the reader to pause")
+        await async_wait_for(lambda: reader.paused, 10.0, what="the reader to pause")
         assert limit <= reader.queued_bytes <= slack
         batch = await reader.next_batch()
         assert batch and reader.queued_bytes == 0
@@ -231,7 +224,7 @@ def test_close_while_paused_closes_the_fd_once_and_still_yields_what_was_queued(
         r, w = os.pipe()
         os.write(w, b"".join(event(i) for i in range(20)))
         reader = await open_frame_reader(r, max_queued_frames=4)
-        await until(lambda: reader.paused, "the reader to pause")
+        await async_wait_for(lambda: reader.paused, 10.0, what="the reader to pause")
         queued = len(reader._frames)
         reader.close()
         assert reader.state is ReaderState.DONE and fd_is_closed(r)
@@ -290,7 +283,7 @@ def test_readers_share_the_loop_buffer_without_corrupting_one_another(loop_kind:
                     for reader, want in zip(readers, expected, strict=True)
                 )
 
-            await until(all_read, "every piece to be read")
+            await async_wait_for(all_read, 10.0, what="every piece to be read")
         for _, w in pipes:
             os.close(w)
         for n, reader in enumerate(readers):
