@@ -89,23 +89,22 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session:
         session = self._sessions.get(session_id)
         if session is None or not session.live:
-            raise rpc.RpcError(
-                ErrorCode.NOT_FOUND,
-                f"session not found: {session_id!r} (closed, or never existed)",
-                {"session_id": session_id},
-            )
+            raise _not_found(session_id)
         return session
 
     def _readable(self, session_id: str) -> Session:
         """A live session, or a closed one whose last events are still on their way to its owner."""
         session = self._sessions.get(session_id) or self._draining.get(session_id)
         if session is None:
-            raise rpc.RpcError(
-                ErrorCode.NOT_FOUND,
-                f"session not found: {session_id!r} (closed, or never existed)",
-                {"session_id": session_id},
-            )
+            raise _not_found(session_id)
         return session
+
+    def _session_limit(self) -> rpc.RpcError:
+        return rpc.RpcError(
+            ErrorCode.LIMIT_REACHED,
+            f"session limit reached: max_sessions={self.config.max_sessions}",
+            {"limit": "max_sessions"},
+        )
 
     def active_list(self) -> dict[str, Any]:
         return {"sessions": [s.summary() for s in self._sessions.values() if s.live]}
@@ -245,11 +244,7 @@ class SessionRegistry:
             return self._sessions.get(session_id)
         self._require_store_health()
         if self.live_count >= self.config.max_sessions:
-            raise rpc.RpcError(
-                ErrorCode.LIMIT_REACHED,
-                f"session limit reached: max_sessions={self.config.max_sessions}",
-                {"limit": "max_sessions"},
-            )
+            raise self._session_limit()
         self._draining.pop(session_id, None)
         session = self._session_from_row(row)
         self._sessions[session.id] = session
@@ -321,11 +316,7 @@ class SessionRegistry:
                 {"param": "title"},
             )
         if self.live_count >= config.max_sessions:
-            raise rpc.RpcError(
-                ErrorCode.LIMIT_REACHED,
-                f"session limit reached: max_sessions={config.max_sessions}",
-                {"limit": "max_sessions"},
-            )
+            raise self._session_limit()
         owned = sum(1 for sid in conn.sessions if sid in self._sessions and self._sessions[sid].live)
         if owned >= config.max_sessions_per_connection:
             raise rpc.RpcError(
@@ -1012,6 +1003,12 @@ class _Settler:
 
     def __hash__(self) -> int:
         return hash((id(self.session), id(self.conn)))
+
+
+def _not_found(session_id: str) -> rpc.RpcError:
+    return rpc.RpcError(
+        ErrorCode.NOT_FOUND, f"session not found: {session_id!r} (closed, or never existed)", {"session_id": session_id}
+    )
 
 
 def _state_of(body: bytes) -> bytes | None:
