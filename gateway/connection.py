@@ -21,7 +21,7 @@ import collections
 import enum
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from starlette.websockets import WebSocket
 
@@ -106,6 +106,13 @@ class Connection:
     def has_room(self) -> bool:
         return self.state is ConnectionState.OPEN and self.outbound_bytes < self.max_buffered_bytes
 
+    @property
+    def room_bytes(self) -> int:
+        """Bytes that may still be queued before the budget is reached (0 when closed)."""
+        if self.state is not ConnectionState.OPEN:
+            return 0
+        return max(0, self.max_buffered_bytes - self.outbound_bytes)
+
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._sender = loop.create_task(self._send_loop(), name=f"ws-sender-{self.id}")
@@ -148,6 +155,17 @@ class Connection:
         data = frame if isinstance(frame, bytes) else rpc.text_bytes(frame)
         self._queue.append((data, on_sent, seq))
         self._buffered += len(data)
+        self._enqueued()
+
+    def send_events(self, items: Sequence[tuple[bytes, Settler | None, int]], nbytes: int) -> None:
+        """:meth:`send` for several ready frames at once (``nbytes``: their total length), in order."""
+        if self.state is not ConnectionState.OPEN:
+            return
+        self._queue.extend(items)
+        self._buffered += nbytes
+        self._enqueued()
+
+    def _enqueued(self) -> None:
         outbound = self.outbound_bytes
         if outbound >= self._low_water:
             self._drain_owed = True

@@ -322,9 +322,9 @@ def encode_event(event_type: str, payload: Any, session_id: str | None = None, s
     )
 
 
-def wrap_event(event_type: str, payload_json: bytes, session_id: str, seq: int) -> bytes:
-    """The envelope around a worker's pre-encoded payload, built by concatenation: the payload is never
-    decoded on the gateway's loop.  ``event_type`` and ``session_id`` are gateway-controlled ASCII tokens."""
+def event_prefix(event_type: str, session_id: str) -> bytes:
+    """The envelope of an event up to its ``seq``: the same for every event of one type in one session, so
+    a session builds it once per type (:meth:`gateway.sessions.stream.EventStream.produce`)."""
     return b"".join(
         (
             b'{"jsonrpc":"2.0","method":"event","params":{"type":"',
@@ -332,12 +332,19 @@ def wrap_event(event_type: str, payload_json: bytes, session_id: str, seq: int) 
             b'","session_id":"',
             session_id.encode("ascii"),
             b'","seq":',
-            str(seq).encode("ascii"),
-            b',"payload":',
-            payload_json,
-            b"}}",
         )
     )
+
+
+def wrap_event_after(prefix: bytes, seq: int, payload_json: bytes) -> bytes:
+    """The event whose envelope up to ``seq`` is ``prefix`` (:func:`event_prefix`)."""
+    return b"".join((prefix, b"%d" % seq, b',"payload":', payload_json, b"}}"))
+
+
+def wrap_event(event_type: str, payload_json: bytes, session_id: str, seq: int) -> bytes:
+    """The envelope around a worker's pre-encoded payload, built by concatenation: the payload is never
+    decoded on the gateway's loop.  ``event_type`` and ``session_id`` are gateway-controlled ASCII tokens."""
+    return wrap_event_after(event_prefix(event_type, session_id), seq, payload_json)
 
 
 def valid_utf8(data: bytes) -> bytes:

@@ -300,6 +300,11 @@ class LoopReads:
         are not all relayed in one turn of the loop when the room comes back."""
         return self.relay.exhausted
 
+    @property
+    def relay_left(self) -> int:
+        """Bytes of frames the sessions may still relay in this iteration."""
+        return self.relay.remaining
+
     def spend_relay(self, n: int) -> None:
         """Count ``n`` bytes of frames a session relayed in this iteration."""
         self.relay.charge(n)

@@ -35,7 +35,7 @@ from gateway.store.errors import StoreError
 from gateway.store.memory import MemoryEventLog
 from gateway.wire import CloseReason, ErrorCode, EventType, TurnStatus
 from workers.backends import ExitStatus, UnknownAgentError, Worker, WorkerBackend, WorkerStartError
-from workers.channel import ChannelError, Kind, LoopReads, encode_json
+from workers.channel import ChannelError, Frame, Kind, LoopReads, encode_json
 from workers.ops import Op
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ logger = logging.getLogger("worker_gateway.sessions")
 
 _EVENT_PREFIX = b'{"jsonrpc":"2.0","method":"event","params":'
 _YIELD_EVERY_BYTES = 256 * 1024
+#: The events that move a session's turn queue: relayed one at a time, never inside a run.
+_TURN_EDGES = frozenset({EventType.TURN_START, EventType.TURN_COMPLETE})
 #: Closed sessions whose last events still travel to their owner are kept (for events.since) this long.
 _DRAIN_KEEP_S = 60.0
 #: Closed sessions listed by session.list when there is no store.
@@ -599,11 +601,6 @@ class SessionRegistry:
         except StoreError as exc:  # the writer is gone: fail closed, loudly (health says why)
             logger.error("session %s: event %s not stored: %s", session.id, event_type, exc)
             raise
-        session.touch()
-        if session.owner is None:
-            session.detached_bytes += len(frame)
-        self.metrics.events_relayed.inc()
-        self.metrics.bytes_relayed.inc(len(frame))
         if event_type == EventType.TURN_START:
             session.turns.turn_started()
             self._store_update(session, status=session.status.value)
@@ -612,7 +609,7 @@ class SessionRegistry:
             self._turn_finished(session)
             if session.live:
                 self._store_update(session, status=session.status.value)
-        self._pump(session)
+        self._relayed(session, 1, len(frame))
 
     def _pump(self, session: Session) -> None:
         """Queue undelivered durable events to the owner while it has room."""
@@ -621,21 +618,30 @@ class SessionRegistry:
             return
         if session.backfill is not None:
             return  # the disk reader delivers first, then pumps again
-        settler: _Settler | None = None
-        for item in session.stream.deliver(lambda: owner.has_room):
-            if isinstance(item, OnDisk):
-                session.backfill = asyncio.get_running_loop().create_task(
-                    self._backfill(session, owner), name=f"backfill-{session.id}"
-                )
-                return
-            if isinstance(item, Gap):
-                owner.send(EventStream.truncation_frame(session.id, item.first_seq))
-            else:
-                seq, frame = item
-                if settler is None:
-                    settler = self._settler(session, owner)
-                owner.send(frame, settler, seq)
-        if session.status is SessionStatus.CLOSED and not session.stream.undelivered:
+        stream = session.stream
+        if stream.pending:
+            settler = self._settler(session, owner)
+            items: list[tuple[bytes, _Settler | None, int]] = []
+            nbytes = 0
+            for item in stream.deliver(owner.room_bytes):
+                if type(item) is tuple:
+                    seq, frame = item
+                    items.append((frame, settler, seq))
+                    nbytes += len(frame)
+                    continue
+                if items:  # what came before the gap or the disk goes first
+                    owner.send_events(items, nbytes)
+                    items, nbytes = [], 0
+                if isinstance(item, OnDisk):
+                    session.backfill = asyncio.get_running_loop().create_task(
+                        self._backfill(session, owner), name=f"backfill-{session.id}"
+                    )
+                    return
+                if isinstance(item, Gap):
+                    owner.send(EventStream.truncation_frame(session.id, item.first_seq))
+            if items:
+                owner.send_events(items, nbytes)
+        if session.status is SessionStatus.CLOSED and not stream.undelivered:
             self._finish_draining(session)
 
     async def _backfill(self, session: Session, owner: Connection) -> None:
@@ -693,24 +699,27 @@ class SessionRegistry:
         return session.stream.reader_has_room
 
     async def _read_worker(self, session: Session, worker: Worker) -> None:
-        """Relay the worker's frames, a batch (everything one pipe read brought) at a time; each event
-        still waits for room on its own, so backpressure and replacement apply between any two events.
-        The loop-wide relay budget (``LoopReads``) bounds what all sessions together relay per turn of
-        the loop."""
+        """Relay the worker's frames, a batch (everything one pipe read brought) at a time.  Backpressure,
+        replacement and the budgets apply between any two events: each event is relayed only once its
+        session has room, and the loop-wide relay budget (``LoopReads``) bounds what all sessions together
+        relay per turn of the loop.  Runs of plain events are relayed without suspending
+        (:meth:`_relay_run`)."""
         corrupt: str | None = None
         since_yield = 0
         slot = session.slot
         loop_reads = LoopReads.of(asyncio.get_running_loop())
         try:
             async for batch in worker.frame_batches():
-                for frame in batch:
+                i, n = 0, len(batch)
+                while i < n:
+                    frame = batch[i]
                     if frame.kind is not Kind.EVENT:
                         if frame.kind is Kind.CONTROL and frame.name == Op.STATE:
                             session.agent_state = _state_of(frame.body)
                             if self.store is not None and session.agent_state is not None:
                                 self.store.put_state(session.id, session.seq, session.agent_state)
+                        i += 1
                         continue
-                    since_yield += len(frame.body)
                     if since_yield >= _YIELD_EVERY_BYTES:
                         # A batch and the queued batches after it come without suspending: give other
                         # sessions and the pings a turn instead of relaying a whole backlog in one go.
@@ -719,7 +728,6 @@ class SessionRegistry:
                     # Every session together: wait, one loop iteration at a time, for the budget's reset.
                     while loop_reads.relay_spent:  # noqa: ASYNC110 - no event to wait for: a new iteration
                         await asyncio.sleep(0)
-                    loop_reads.spend_relay(len(frame.body))
                     while not self._reader_has_room(session) and slot.is_current(worker):
                         session.room.clear()
                         if session.blocked_since is None:
@@ -730,7 +738,10 @@ class SessionRegistry:
                     session.blocked_since = None
                     if not slot.is_current(worker):
                         break
-                    self._produce(session, frame.name, frame.body)
+                    limit = min(_YIELD_EVERY_BYTES - since_yield, loop_reads.relay_left)
+                    i, relayed = self._relay_run(session, batch, i, limit)
+                    since_yield += relayed
+                    loop_reads.spend_relay(relayed)
                 if not slot.is_current(worker):
                     break
         except ChannelError as exc:
@@ -742,6 +753,44 @@ class SessionRegistry:
         status = await worker.stop()
         if slot.is_current(worker):
             self._worker_died(session, status, corrupt)
+
+    def _relay_run(self, session: Session, batch: list[Frame], start: int, limit: int) -> tuple[int, int]:
+        """Relay ``batch[start]`` (an event the session has room for) and the plain events right after it
+        while the session has room and their payloads stay under ``limit`` bytes; one pump, one touch and
+        one metrics update for the run.  A turn's start or end is relayed on its own (:meth:`_produce`: it
+        moves the turn queue).  Returns (the index after the run, the payload bytes relayed)."""
+        frame = batch[start]
+        if frame.name in _TURN_EDGES:
+            self._produce(session, frame.name, frame.body)
+            return start + 1, len(frame.body)
+        stream = session.stream
+        end, payload_bytes, frame_bytes = start, 0, 0
+        try:
+            while True:
+                frame_bytes += len(stream.produce(frame.name, frame.body))
+                payload_bytes += len(frame.body)
+                end += 1
+                if end == len(batch) or payload_bytes >= limit:
+                    break
+                frame = batch[end]
+                if frame.kind is not Kind.EVENT or frame.name in _TURN_EDGES or not self._reader_has_room(session):
+                    break
+        except StoreError as exc:  # the writer is gone: fail closed, loudly (health says why)
+            logger.error("session %s: event %s not stored: %s", session.id, frame.name, exc)
+            raise
+        finally:
+            if end > start:
+                self._relayed(session, end - start, frame_bytes)
+        return end, payload_bytes
+
+    def _relayed(self, session: Session, events: int, frame_bytes: int) -> None:
+        """Bookkeeping after ``events`` events of ``frame_bytes`` entered the session's stream."""
+        session.touch()
+        if session.owner is None:
+            session.detached_bytes += frame_bytes
+        self.metrics.events_relayed.inc(events)
+        self.metrics.bytes_relayed.inc(frame_bytes)
+        self._pump(session)
 
     def _worker_died(self, session: Session, status: ExitStatus, reason: str | None) -> None:
         session.slot.empty()

@@ -8,12 +8,15 @@ share one gapless order.  ``deliver`` then hands the caller the frames the owner
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gateway import rpc
 from gateway.store.log import EventLog
 from gateway.wire import EventType
+
+#: Event types whose envelope prefix a stream keeps (the gateway's own and a well-behaved agent's are a few).
+_PREFIXES_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,21 @@ class EventStream:
         self.delivered = seq  # last seq handed to the owner (queued on its connection)
         self._reader_max_events = reader_max_events
         self._reader_max_bytes = reader_max_bytes
+        #: The envelope up to the seq, per event type (a worker names its event types: bounded here).
+        self._prefixes: dict[str, bytes] = {}
 
     def produce(self, event_type: str, payload_json: bytes) -> bytes:
         """Assign the next seq to an event whose payload is already encoded; returns its frame, UTF-8 bytes
         that the log, the store and the socket share (a worker's invalid UTF-8 is replaced, once, here)."""
         self.seq += 1
+        prefix = self._prefixes.get(event_type)
+        if prefix is None:
+            prefix = rpc.event_prefix(event_type, self.session_id)
+            if len(self._prefixes) < _PREFIXES_KEPT:
+                self._prefixes[event_type] = prefix
         # The envelope is ASCII: checking the whole frame is checking the payload, and it accepts any
         # bytes-like payload (a slice of a reader's buffer).
-        frame = rpc.valid_utf8(rpc.wrap_event(event_type, payload_json, self.session_id, self.seq))
+        frame = rpc.valid_utf8(rpc.wrap_event_after(prefix, self.seq, payload_json))
         self.log.append(self.seq, event_type, frame)
         return frame
 
@@ -59,21 +69,25 @@ class EventStream:
         """Events (durable or not yet) the owner has not been given."""
         return self.delivered < self.seq
 
-    def deliver(self, has_room: Callable[[], bool]) -> Iterator[tuple[int, bytes] | Gap | OnDisk]:
-        """Frames for the owner, in order, while ``has_room()``; advances :attr:`delivered` as it goes."""
-        durable = self.log.durable_seq
-        while self.delivered < durable and has_room():
+    def deliver(self, room: int) -> Iterator[tuple[int, bytes] | Gap | OnDisk]:
+        """Frames for the owner, in order, while it has ``room`` bytes left (the last one may go past it:
+        the owner's budget is "under its bound before each send"); advances :attr:`delivered` as it goes."""
+        log = self.log
+        durable = log.durable_seq
+        get = log.get
+        while self.delivered < durable and room > 0:
             seq = self.delivered + 1
-            frame = self.log.get(seq)
-            if frame is None and self.log.persistent:
+            frame = get(seq)
+            if frame is None and log.persistent:
                 yield OnDisk()
                 return
             if frame is None:  # no longer held: say so instead of leaving a silent gap
-                first = self.log.since(seq).first_seq
+                first = log.since(seq).first_seq
                 self.delivered = first - 1
                 yield Gap(first)
                 continue
             self.delivered = seq
+            room -= len(frame)
             yield seq, frame
 
     def rewind(self, after_seq: int) -> None:
