@@ -333,7 +333,7 @@ class EventStore:
         self._check_open()
         head = pipe.encode_append_head(session_id, seq, event_type, len(frame))
         self._outbox.append(head)
-        self._outbox.append(frame)  # the event's own bytes: copied once, by the burst's join
+        self._outbox.append(frame)  # the event's own bytes, written as they are (no join)
         self._queued(len(head) + len(frame))
         self._unacked.setdefault(session_id, deque()).append((seq, len(frame)))
         self._pending_bytes += len(frame)
@@ -368,11 +368,11 @@ class EventStore:
         store: what was queued is never acknowledged, hence never sent to a client."""
         if not self._outbox:
             return
-        data = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+        parts, nbytes = self._outbox, self._outbox_bytes
         self._outbox = []
         self._outbox_bytes = 0
         try:
-            self._writer.write(data)
+            self._writer.write_parts(parts, nbytes)
         except ChannelError:
             self._set_health("the store writer is not keeping up")
             self._writer.close()
