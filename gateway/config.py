@@ -432,7 +432,7 @@ class Config:
     )
     relay_read_budget_bytes: int = knob(
         int,
-        _MIB,
+        256 * 1024,
         "bytes the gateway reads from all worker pipes together in one event-loop iteration (keeps each "
         "turn of the loop short whatever the session count; the rest is read in the next iterations)",
         64 * 1024,

@@ -23,7 +23,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway import procfs, wire
+from gateway import heap, procfs, wire
 from gateway.app import GatewayState, create_app
 from gateway.config import Config, ConfigError
 from gateway.httpproto import protocol_class as http_protocol_class
@@ -163,6 +163,7 @@ class GatewayServer(uvicorn.Server):
             return
         assert sockets
         self.port = sockets[0].getsockname()[1]
+        heap.freeze_startup_heap()
         self.announce(self.port)
 
     def announce(self, port: int) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Hashable
 from typing import Generic, TypeVar
 
 #: Default bytes all readers of one loop read per loop iteration (Config ``relay_read_budget_bytes``).
-DEFAULT_READ_BUDGET_BYTES = 1024 * 1024
+DEFAULT_READ_BUDGET_BYTES = 256 * 1024
 #: A read smaller than this is not worth its syscall: below it, the reader waits for the next iteration.
 MIN_READ_BYTES = 16 * 1024
 
