@@ -28,7 +28,7 @@ from pathlib import Path
 
 from gateway.store.pipe import StoreOp
 from gateway.store.sqlite_writer import DatabaseOpenError, SqliteWriter, open_database
-from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
+from workers.channel import FrameScanner, Kind, control_frame
 
 _READ_SIZE = 1024 * 1024
 #: How often a failing commit (disk full, I/O error) is retried.
@@ -106,7 +106,10 @@ def run(
     poller.register(read_fd, select.POLLIN)
     if pidfd is not None and pidfd >= 0:
         poller.register(pidfd, select.POLLIN)
-    decoder = FrameDecoder()
+    # One buffer for every read, frames parsed in place (only each body is copied out), as the gateway's
+    # own pipe readers do: no per-read allocation, no compaction of a growing buffer.
+    buffer = memoryview(bytearray(_READ_SIZE))
+    scanner = FrameScanner()
     ending = pidfd == -1  # the gateway is already gone
     eof = False
     next_retry = 0.0
@@ -138,21 +141,20 @@ def run(
         closing = False
         while not eof and (writer.queued_bytes <= HOLD_BYTES if writer.health else not writer.batch_full):
             try:
-                data = os.read(read_fd, _READ_SIZE)
+                n = os.readv(read_fd, [buffer])
             except BlockingIOError:
                 break
-            if not data:
+            if not n:
                 eof = True
                 break
-            try:
-                frames = decoder.feed(data)
-            except ChannelError as exc:
+            frames = scanner.feed(buffer[:n])
+            if scanner.error is not None:
                 print(
-                    f"worker-gateway store writer: corrupt request stream ({exc}); committing and exiting",
+                    f"worker-gateway store writer: corrupt request stream ({scanner.error}); committing what "
+                    "came before it and exiting",
                     file=sys.stderr,
                 )
                 eof = True
-                break
             for frame in frames:
                 if frame.kind is Kind.CONTROL and frame.name == StoreOp.CLOSE:
                     closing = True
@@ -163,6 +165,8 @@ def run(
                         f"worker-gateway store writer: ignoring a bad request frame {frame.name!r}: {exc}",
                         file=sys.stderr,
                     )
+            if eof:
+                break
         final = eof or ending or closing
         if writer.has_work:
             now = time.monotonic()
