@@ -153,8 +153,16 @@ class Connection:
         if self.state is not ConnectionState.OPEN:
             return
         data = frame if isinstance(frame, bytes) else rpc.text_bytes(frame)
-        self._queue.append((data, on_sent, seq))
-        self._buffered += len(data)
+        sink = self._sink
+        if on_sent is None and not self._queue and sink is not None and not sink.paused and sink.open:
+            # Nothing waits ahead of it (the sender writes whatever it takes off the queue at once): a
+            # response goes to the socket now, not a turn of the loop later when the sender task runs.
+            sink.write_text([data])
+            if self._on_sent is not None:
+                self._on_sent(len(data))
+        else:
+            self._queue.append((data, on_sent, seq))
+            self._buffered += len(data)
         self._enqueued()
 
     def send_events(self, items: Sequence[tuple[bytes, Settler | None, int]], nbytes: int) -> None:

@@ -32,6 +32,10 @@ class Script:
         self.conns: list[Connection] = []
         self.settled: list[int] = []
         self.done = asyncio.Event()
+        self.bytes_sent = 0  # what the connection reports as handed to the socket (its on_sent callback)
+
+    def on_sent(self, nbytes: int) -> None:
+        self.bytes_sent += nbytes
 
     async def run(self, conn: Connection) -> None:
         raise NotImplementedError
@@ -42,7 +46,7 @@ async def serve(path: str, script: Script, max_buffered: int = 4 << 20,
                 stall_timeout: float | None = None, sndbuf: int | None = None) -> AsyncIterator[str]:
     async def endpoint(websocket: WebSocket) -> None:
         await websocket.accept()
-        conn = Connection(websocket, max_buffered, stall_timeout=stall_timeout)
+        conn = Connection(websocket, max_buffered, on_sent=script.on_sent, stall_timeout=stall_timeout)
         script.conns.append(conn)
         conn.start()
         try:
@@ -119,6 +123,40 @@ async def test_frames_arrive_unchanged_in_order_and_are_settled(path: str) -> No
         assert script.settled == [len(FRAMES)]
     else:
         assert script.settled == list(range(1, len(FRAMES) + 1))
+
+
+class ReplyThenEvents(Script):
+    """A reply on an idle connection, then events and replies mixed: the reply is handed to the socket
+    before ``send`` returns (no turn of the loop for the sender task); a reply sent while events wait in
+    the queue goes after them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reply_sent_at_once = False
+
+    async def run(self, conn: Connection) -> None:
+        conn.send('{"reply":0}')
+        self.reply_sent_at_once = self.bytes_sent == len('{"reply":0}')
+        for seq in range(1, 21):
+            conn.send(b'{"event":%d}' % seq, self.settled.append, seq)
+            if seq % 5 == 0:
+                conn.send('{"reply":%d}' % seq)
+        while (await conn.websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_a_reply_on_an_idle_connection_goes_out_at_once_and_never_overtakes_queued_events(path: str) -> None:
+    script = ReplyThenEvents()
+    async with serve(path, script) as url, websockets.connect(url, max_size=None) as client:
+        received = [await asyncio.wait_for(client.recv(), 10) for _ in range(25)]
+    expected = ['{"reply":0}']
+    for seq in range(1, 21):
+        expected.append(f'{{"event":{seq}}}')
+        if seq % 5 == 0:
+            expected.append(f'{{"reply":{seq}}}')
+    assert received == expected
+    assert script.reply_sent_at_once is (path == "coalesced")  # the fallback always goes through send_text
 
 
 class Interleaved(Script):
