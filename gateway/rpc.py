@@ -324,7 +324,9 @@ def encode_event(event_type: str, payload: Any, session_id: str | None = None, s
 
 def event_prefix(event_type: str, session_id: str) -> bytes:
     """The envelope of an event up to its ``seq``: the same for every event of one type in one session, so
-    a session builds it once per type (:meth:`gateway.sessions.stream.EventStream.produce`)."""
+    a session builds it once per type (:meth:`gateway.sessions.stream.EventStream.produce`).  Both go into
+    JSON strings unescaped: the session id is the gateway's, and the stream checks that a worker's event
+    type is a token first."""
     return b"".join(
         (
             b'{"jsonrpc":"2.0","method":"event","params":{"type":"',
@@ -343,7 +345,7 @@ def wrap_event_after(prefix: bytes, seq: int, payload_json: bytes) -> bytes:
 
 def wrap_event(event_type: str, payload_json: bytes, session_id: str, seq: int) -> bytes:
     """The envelope around a worker's pre-encoded payload, built by concatenation: the payload is never
-    decoded on the gateway's loop.  ``event_type`` and ``session_id`` are gateway-controlled ASCII tokens."""
+    decoded on the gateway's loop.  ``event_type`` and ``session_id`` are tokens (see :func:`event_prefix`)."""
     return wrap_event_after(event_prefix(event_type, session_id), seq, payload_json)
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from workers.agents import Agent, TurnHandle, TurnResult
 
+#: An event type that would close the envelope's JSON string and add a key of its own.
+_INJECTING = b'x","injected":"1","y'
 #: Byte strings that are not a valid frame stream (workers/channel.py), by name.
 CORRUPTIONS: dict[str, bytes] = {
     # length 5, kind 9 (only 1 and 2 exist)
@@ -22,6 +24,8 @@ CORRUPTIONS: dict[str, bytes] = {
     "non_ascii_name": struct.pack(">IBB", 5, 1, 3) + b"\xff\xfe\xfd",
     # half a frame, then the worker exits: the stream ends inside a frame
     "truncated": struct.pack(">IBB", 100, 1, 3) + b"abc" + b"{",
+    # a well-formed frame whose event type would break out of the envelope's JSON string
+    "bad_event_type": struct.pack(">IBB", 2 + len(_INJECTING) + 2, 1, len(_INJECTING)) + _INJECTING + b"{}",
 }
 
 

@@ -28,7 +28,7 @@ from gateway import rpc
 from gateway.connection import Connection
 from gateway.sessions.reaping import ReapInputs, reap_decision
 from gateway.sessions.session import Session, SlotState
-from gateway.sessions.stream import EventStream, Gap, OnDisk
+from gateway.sessions.stream import EventStream, Gap, InvalidEventType, OnDisk
 from gateway.sessions.turns import LIVE_STATUSES, QueueFull, SessionStatus
 from gateway.store.durable import DurableEventLog
 from gateway.store.errors import StoreError
@@ -601,6 +601,7 @@ class SessionRegistry:
         except StoreError as exc:  # the writer is gone: fail closed, loudly (health says why)
             logger.error("session %s: event %s not stored: %s", session.id, event_type, exc)
             raise
+        self._entered(session, 1, len(frame))
         if event_type == EventType.TURN_START:
             session.turns.turn_started()
             self._store_update(session, status=session.status.value)
@@ -609,7 +610,7 @@ class SessionRegistry:
             self._turn_finished(session)
             if session.live:
                 self._store_update(session, status=session.status.value)
-        self._relayed(session, 1, len(frame))
+        self._pump(session)
 
     def _pump(self, session: Session) -> None:
         """Queue undelivered durable events to the owner while it has room."""
@@ -747,6 +748,9 @@ class SessionRegistry:
         except ChannelError as exc:
             corrupt = str(exc)
             logger.warning("session %s: corrupt frame from worker %s: %s", session.id, worker.pid, exc)
+        except InvalidEventType as exc:
+            corrupt = f"an event type that is not a token: {exc.args[0][:80]!r}"
+            logger.warning("session %s: corrupt frame from worker %s: %s", session.id, worker.pid, corrupt)
         if not slot.is_current(worker):
             return  # stopped on purpose (replacement or teardown): not a death
         # EOF or garbage without us asking: the worker is dying or broken; make sure its group is gone.
@@ -764,11 +768,15 @@ class SessionRegistry:
             self._produce(session, frame.name, frame.body)
             return start + 1, len(frame.body)
         stream = session.stream
+        detached = session.owner is None  # cannot change during the run: nothing here suspends
         end, payload_bytes, frame_bytes = start, 0, 0
         try:
             while True:
-                frame_bytes += len(stream.produce(frame.name, frame.body))
+                size = len(stream.produce(frame.name, frame.body))
+                frame_bytes += size
                 payload_bytes += len(frame.body)
+                if detached:  # the detached quota is checked before the next event: count this one now
+                    session.detached_bytes += size
                 end += 1
                 if end == len(batch) or payload_bytes >= limit:
                     break
@@ -780,17 +788,17 @@ class SessionRegistry:
             raise
         finally:
             if end > start:
-                self._relayed(session, end - start, frame_bytes)
+                self._entered(session, end - start, frame_bytes, detached_counted=True)
+                self._pump(session)
         return end, payload_bytes
 
-    def _relayed(self, session: Session, events: int, frame_bytes: int) -> None:
+    def _entered(self, session: Session, events: int, frame_bytes: int, *, detached_counted: bool = False) -> None:
         """Bookkeeping after ``events`` events of ``frame_bytes`` entered the session's stream."""
         session.touch()
-        if session.owner is None:
+        if session.owner is None and not detached_counted:
             session.detached_bytes += frame_bytes
         self.metrics.events_relayed.inc(events)
         self.metrics.bytes_relayed.inc(frame_bytes)
-        self._pump(session)
 
     def _worker_died(self, session: Session, status: ExitStatus, reason: str | None) -> None:
         session.slot.empty()

@@ -8,6 +8,7 @@ share one gapless order.  ``deliver`` then hands the caller the frames the owner
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,6 +18,12 @@ from gateway.wire import EventType
 
 #: Event types whose envelope prefix a stream keeps (the gateway's own and a well-behaved agent's are a few).
 _PREFIXES_KEPT = 64
+#: What an event type may be: it goes into the envelope's JSON string unescaped (a worker names its events).
+_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+class InvalidEventType(ValueError):
+    """A worker named an event with characters an event type cannot have (a broken or hostile worker)."""
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,14 @@ class EventStream:
     def produce(self, event_type: str, payload_json: bytes) -> bytes:
         """Assign the next seq to an event whose payload is already encoded; returns its frame, UTF-8 bytes
         that the log, the store and the socket share (a worker's invalid UTF-8 is replaced, once, here)."""
-        self.seq += 1
         prefix = self._prefixes.get(event_type)
         if prefix is None:
+            if not _EVENT_TYPE.fullmatch(event_type):
+                raise InvalidEventType(event_type)
             prefix = rpc.event_prefix(event_type, self.session_id)
             if len(self._prefixes) < _PREFIXES_KEPT:
                 self._prefixes[event_type] = prefix
+        self.seq += 1
         # The envelope is ASCII: checking the whole frame is checking the payload, and it accepts any
         # bytes-like payload (a slice of a reader's buffer).
         frame = rpc.valid_utf8(rpc.wrap_event_after(prefix, self.seq, payload_json))

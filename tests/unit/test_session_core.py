@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.sessions.reaping import ReapInputs, reap_decision
-from gateway.sessions.stream import EventStream, Gap
+from gateway.sessions.stream import EventStream, Gap, InvalidEventType
 from gateway.sessions.turns import QueueFull, SessionStatus, TurnQueue
 from gateway.store.memory import MemoryEventLog
 from gateway.wire import CloseReason
@@ -123,6 +123,16 @@ def test_seq_is_gapless_and_every_event_is_delivered_in_order() -> None:
     delivered = list(s.deliver(ROOM))
     assert [item[0] for item in delivered if not isinstance(item, Gap)] == [1, 2, 3, 4, 5]
     assert not s.pending and list(s.deliver(ROOM)) == []
+
+
+@pytest.mark.parametrize("bad", ['x","injected":1,"y', "", "a b", "x" * 129, "caf\u00e9", "t\\"])
+def test_an_event_type_that_is_not_a_token_is_refused_and_takes_no_seq(bad: str) -> None:
+    s = stream()
+    with pytest.raises(InvalidEventType):
+        s.produce(bad, b"{}")
+    assert s.seq == 0 and len(s.log) == 0  # type: ignore[arg-type]
+    s.produce("subagent.progress", b"{}")
+    assert s.seq == 1
 
 
 def test_delivery_stops_when_the_owner_has_no_room() -> None:

@@ -218,6 +218,9 @@ class RayBackend:
             "start_timeout_s": config.worker_start_timeout_s,
             "watchdog_poll_s": config.watchdog_poll_s,
             "scrub_secrets": [config.token] if getattr(config, "token", None) else [],
+            # The host actor relays its workers' pipes on its own loop: the same budget and CPU policy.
+            "read_budget_bytes": getattr(config, "relay_read_budget_bytes", None),
+            "sched": getattr(config, "worker_sched", "normal"),
         }
         return cls(
             address=config.ray_address,
