@@ -322,6 +322,10 @@ def encode_event(event_type: str, payload: Any, session_id: str | None = None, s
     )
 
 
+#: Every event frame starts with these bytes; its ``params`` object follows, and one ``}`` ends the frame.
+EVENT_PARAMS_AT = b'{"jsonrpc":"2.0","method":"event","params":'
+
+
 def event_prefix(event_type: str, session_id: str) -> bytes:
     """The envelope of an event up to its ``seq``: the same for every event of one type in one session, so
     a session builds it once per type (:meth:`gateway.sessions.stream.EventStream.produce`).  Both go into
@@ -329,7 +333,8 @@ def event_prefix(event_type: str, session_id: str) -> bytes:
     type is a token first."""
     return b"".join(
         (
-            b'{"jsonrpc":"2.0","method":"event","params":{"type":"',
+            EVENT_PARAMS_AT,
+            b'{"type":"',
             event_type.encode("ascii"),
             b'","session_id":"',
             session_id.encode("ascii"),

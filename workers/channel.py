@@ -231,25 +231,16 @@ class FrameScanner:
         return pos
 
     def _scan(self, view: memoryview, pos: int, frames: list[Frame]) -> int:
-        # _frame_at inlined: this loop runs once per event the gateway relays.
         size = len(view)
         unpack = _HEADER.unpack_from
         limit = self._max
-        kinds = _KINDS
-        append = frames.append
         while size - pos >= HEADER_SIZE:
             length, kind, name_len = unpack(view, pos)
-            if length > limit or length < 2 + name_len or kind not in kinds:
-                _check_header(length, kind, name_len, limit)  # raises, saying what is wrong
+            _check_header(length, kind, name_len, limit)
             end = pos + 4 + length
             if end > size:
                 break
-            body_start = pos + HEADER_SIZE + name_len
-            try:
-                name = str(view[pos + HEADER_SIZE : body_start], "ascii")
-            except UnicodeDecodeError:
-                raise ChannelError("corrupt frame: name is not ASCII") from None
-            append(Frame(kinds[kind], name, bytes(view[body_start:end])))
+            frames.append(_frame_at(view, pos, name_len, kind, end))
             pos = end
         return pos
 
@@ -603,17 +594,11 @@ class FrameWriter:
 
     def write(self, data: bytes) -> bool:
         """Queue ``data`` (one or more encoded frames); False when the pipe is already closed."""
-        if self.closed:
-            return False
-        assert self._transport is not None
-        if self._transport.get_write_buffer_size() + len(data) > self._max_buffer:
-            raise ChannelError(f"peer is not reading: more than {self._max_buffer} bytes of frames pending")
-        self._transport.write(data)
-        return True
+        return self.write_parts([data], len(data))
 
     def write_parts(self, parts: list[bytes], nbytes: int) -> bool:
-        """:meth:`write` of ``b"".join(parts)`` (``nbytes`` long) without joining them first: with uvloop
-        the transport writes them as one iovec array, copying nothing."""
+        """Queue ``b"".join(parts)`` (``nbytes`` long) without joining them first: with uvloop the
+        transport writes them as one iovec array, copying nothing.  False when the pipe is already closed."""
         if self.closed:
             return False
         assert self._transport is not None

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("worker_gateway.sessions")
 
-_EVENT_PREFIX = b'{"jsonrpc":"2.0","method":"event","params":'
 _YIELD_EVERY_BYTES = 256 * 1024
 #: The events that move a session's turn queue: relayed one at a time, never inside a run.
 _TURN_EDGES = frozenset({EventType.TURN_START, EventType.TURN_COMPLETE})
@@ -561,7 +560,7 @@ class SessionRegistry:
         frames = page.frames[: max(0, durable - page.first_seq + 1)]
         last = page.first_seq + len(frames) - 1 if frames else max(after, page.first_seq - 1)
         more = last < durable
-        events = b",".join(frame[len(_EVENT_PREFIX) : -1] for frame in frames)
+        events = b",".join(frame[len(rpc.EVENT_PARAMS_AT) : -1] for frame in frames)
         return b"".join(
             (
                 b'{"jsonrpc":"2.0","id":',
@@ -601,6 +600,8 @@ class SessionRegistry:
         except StoreError as exc:  # the writer is gone: fail closed, loudly (health says why)
             logger.error("session %s: event %s not stored: %s", session.id, event_type, exc)
             raise
+        if session.owner is None:
+            session.detached_bytes += len(frame)
         self._entered(session, 1, len(frame))
         if event_type == EventType.TURN_START:
             session.turns.turn_started()
@@ -788,15 +789,14 @@ class SessionRegistry:
             raise
         finally:
             if end > start:
-                self._entered(session, end - start, frame_bytes, detached_counted=True)
+                self._entered(session, end - start, frame_bytes)
                 self._pump(session)
         return end, payload_bytes
 
-    def _entered(self, session: Session, events: int, frame_bytes: int, *, detached_counted: bool = False) -> None:
-        """Bookkeeping after ``events`` events of ``frame_bytes`` entered the session's stream."""
+    def _entered(self, session: Session, events: int, frame_bytes: int) -> None:
+        """Bookkeeping after ``events`` events of ``frame_bytes`` entered the session's stream (a detached
+        session's bytes are counted by the producer, event by event: its quota is checked between them)."""
         session.touch()
-        if session.owner is None and not detached_counted:
-            session.detached_bytes += frame_bytes
         self.metrics.events_relayed.inc(events)
         self.metrics.bytes_relayed.inc(frame_bytes)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import struct
 
-from workers.channel import MAX_FRAME_BYTES, Kind, encode_frame
+from workers.channel import Kind, encode_frame, frame_head
 
 
 class StoreOp(enum.StrEnum):
@@ -57,17 +57,7 @@ _U32 = struct.Struct(">I")
 
 
 def encode_append(session_id: str, seq: int, event_type: str, frame: bytes) -> bytes:
-    sid = session_id.encode("utf-8")
-    etype = event_type.encode("utf-8")
-    if len(etype) > 255:
-        raise ValueError(f"event type longer than 255 bytes: {event_type[:40]!r}")
-    body = b"".join((_U16.pack(len(sid)), sid, _U64.pack(seq), bytes((len(etype),)), etype, frame))
-    return encode_frame(Kind.EVENT, StoreOp.APPEND, body)
-
-
-_APPEND_NAME = StoreOp.APPEND.value.encode("ascii")
-#: The channel frame header (workers/channel.py: u32 length, u8 kind, u8 name length) then the name.
-_FRAME_HEAD = struct.Struct(">IBB")
+    return encode_append_head(session_id, seq, event_type, len(frame)) + frame
 
 
 def encode_append_head(session_id: str, seq: int, event_type: str, frame_len: int) -> bytes:
@@ -78,10 +68,7 @@ def encode_append_head(session_id: str, seq: int, event_type: str, frame_len: in
     if len(etype) > 255:
         raise ValueError(f"event type longer than 255 bytes: {event_type[:40]!r}")
     body_head = b"".join((_U16.pack(len(sid)), sid, _U64.pack(seq), bytes((len(etype),)), etype))
-    length = 2 + len(_APPEND_NAME) + len(body_head) + frame_len
-    if length > MAX_FRAME_BYTES:
-        raise ValueError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-    return _FRAME_HEAD.pack(length, int(Kind.EVENT), len(_APPEND_NAME)) + _APPEND_NAME + body_head
+    return frame_head(Kind.EVENT, StoreOp.APPEND, len(body_head) + frame_len) + body_head
 
 
 def decode_append(body: bytes) -> tuple[str, int, str, bytes]:
