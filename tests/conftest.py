@@ -15,8 +15,9 @@ from typing import Any
 import hypothesis  # noqa: F401  imported up front: the hypothesis plugin imports it lazily in pytest's
 
 #                  summary, which after some failures trips a CPython 3.11 AST bug and hides the report
+import psutil
 import pytest
-from support import GatewayProcess, RpcClient
+from support import GatewayProcess, RpcClient, wait_for_gone
 
 
 @pytest.fixture
@@ -51,3 +52,14 @@ def rpc_connect(gateway: GatewayProcess) -> Callable[..., Any]:
         return RpcClient.connect(gateway.url(), **kwargs)
 
     return connect
+
+
+@pytest.fixture
+def no_process_outlives_the_test() -> Iterator[None]:
+    """Every process this test started (a store writer, a pipe's peer) is gone within 10 s of its end."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    yield
+    started = [p for p in me.children(recursive=True) if p.pid not in before]
+    left = wait_for_gone(started, timeout=10.0)
+    assert not left, f"processes outlived the test: {[(p.pid, p.cmdline()) for p in left]}"

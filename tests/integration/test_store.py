@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +49,8 @@ class Acks:
         return max((c[session_id] for c in self.calls if session_id in c), default=0)
 
 
-@pytest.fixture(autouse=True)
-def no_process_outlives_the_test() -> Iterator[None]:
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    started = [p for p in me.children(recursive=True) if p.pid not in before]
-    left = wait_for_gone(started, timeout=10.0)
-    assert not left, f"processes outlived the test: {[(p.pid, p.cmdline()) for p in left]}"
+#: The store's writer process (and anything else a test starts) must not outlive the test.
+pytestmark = pytest.mark.usefixtures("no_process_outlives_the_test")
 
 
 @pytest.fixture

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from gateway.store import EventStore
 from gateway.store.client import OUTBOX_FLUSH_BYTES
-from support import async_wait_for, wait_for_gone
+from support import async_wait_for
 
 
-@pytest.fixture(autouse=True)
-def no_process_outlives_the_test() -> Iterator[None]:
-    me = psutil.Process()
-    before = {p.pid for p in me.children(recursive=True)}
-    yield
-    started = [p for p in me.children(recursive=True) if p.pid not in before]
-    left = wait_for_gone(started, timeout=10.0)
-    assert not left, f"processes outlived the test: {[(p.pid, p.cmdline()) for p in left]}"
+#: The store's writer process (and anything else a test starts) must not outlive the test.
+pytestmark = pytest.mark.usefixtures("no_process_outlives_the_test")
 
 
 def frame(seq: int, size: int) -> bytes:
@@ -73,26 +65,16 @@ async def test_a_burst_past_the_flush_bound_is_written_whole_and_in_order(tmp_pa
         await store.close()
 
 
-async def test_appends_still_in_the_outbox_are_committed_by_close(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ending", ["close", "abort"])
+async def test_appends_still_in_the_outbox_reach_the_writer_however_the_store_ends(tmp_path: Path,
+                                                                                 ending: str) -> None:
+    """``close`` writes the outbox first; ``abort`` is the path a dying gateway takes (EOF on the pipe, no
+    CLOSE): the writer commits what it was given.  No iteration runs between the appends and the end."""
     durable: dict[str, int] = {}
     store = await _open(tmp_path, durable)
     for seq in range(1, 51):
         store.append("a", seq, "tool.output", frame(seq, 10))
-    await store.close()  # no iteration ran since the appends: close writes the outbox first
-    store = await _open(tmp_path, durable)
-    try:
-        assert [seq for seq, _ in await _read_all(store, "a")] == list(range(1, 51))
-    finally:
-        await store.close()
-
-
-async def test_an_aborted_store_still_hands_its_outbox_to_the_writer(tmp_path: Path) -> None:
-    """The path a dying gateway takes (EOF on the pipe, no CLOSE): the writer commits what it was given."""
-    durable: dict[str, int] = {}
-    store = await _open(tmp_path, durable)
-    for seq in range(1, 51):
-        store.append("a", seq, "tool.output", frame(seq, 10))
-    await store._abort()
+    await (store.close() if ending == "close" else store._abort())
     store = await _open(tmp_path, durable)
     try:
         assert [seq for seq, _ in await _read_all(store, "a")] == list(range(1, 51))

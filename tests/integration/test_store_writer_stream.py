@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.store import pipe
 from gateway.store.pipe import StoreOp
 from gateway.store.sqlite_writer import database_path
@@ -16,6 +18,8 @@ from support import ROOT
 from workers.channel import control_frame
 
 TIMEOUT_S = 60
+#: The writer process must not outlive its test.
+pytestmark = pytest.mark.usefixtures("no_process_outlives_the_test")
 CREATE = control_frame(StoreOp.CREATE_SESSION, {"meta": {"session_id": "s1", "created_at": 1.0, "last_active": 1.0}})
 
 
