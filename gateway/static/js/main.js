@@ -225,6 +225,9 @@ async function resume(s) {
     }
     return true;
   } catch (err) {
+    // The socket went while the call was out: the session is still ours, and the next gateway.ready
+    // resumes it from the same seq (dropping it here lost a running turn after two quick drops).
+    if (err.code === LocalError.NOT_CONNECTED) return false;
     s.owned = false;
     if (err.code === ErrorCode.NOT_FOUND) {
       forgetClosed(s);
