@@ -60,6 +60,24 @@ class EventType(enum.StrEnum):
     SLASH_RESULT = "slash.result"
 
 
+#: The event types a worker may send: the turn's edges and what the turn handle emits
+#: (workers/agents/base.py).  The others are the gateway's own: a worker sending ``session.closed`` or
+#: ``worker.exited`` would speak for the gateway, so such a frame is treated as a broken worker's.
+WORKER_EVENT_TYPES = frozenset(
+    {
+        EventType.TURN_START,
+        EventType.MESSAGE_DELTA,
+        EventType.REASONING_DELTA,
+        EventType.TOOL_CALL,
+        EventType.TOOL_OUTPUT,
+        EventType.SUBAGENT_START,
+        EventType.SUBAGENT_PROGRESS,
+        EventType.SUBAGENT_COMPLETE,
+        EventType.TURN_COMPLETE,
+    }
+)
+
+
 class CloseReason(enum.StrEnum):
     """``session.closed`` reasons (PROTOCOL section 4)."""
 

@@ -14,6 +14,9 @@ from workers.agents import Agent, TurnHandle, TurnResult
 
 #: An event type that would close the envelope's JSON string and add a key of its own.
 _INJECTING = b'x","injected":"1","y'
+#: A type only the gateway sends, and its payload.
+_GATEWAYS = b"session.closed"
+_CLOSED = b'{"reason":"client"}'
 #: Byte strings that are not a valid frame stream (workers/channel.py), by name.
 CORRUPTIONS: dict[str, bytes] = {
     # length 5, kind 9 (only 1 and 2 exist)
@@ -26,6 +29,9 @@ CORRUPTIONS: dict[str, bytes] = {
     "truncated": struct.pack(">IBB", 100, 1, 3) + b"abc" + b"{",
     # a well-formed frame whose event type would break out of the envelope's JSON string
     "bad_event_type": struct.pack(">IBB", 2 + len(_INJECTING) + 2, 1, len(_INJECTING)) + _INJECTING + b"{}",
+    # a well-formed event of a type only the gateway sends: the worker would speak for the gateway
+    "gateway_event_type": struct.pack(">IBB", 2 + len(_GATEWAYS) + len(_CLOSED), 1, len(_GATEWAYS))
+    + _GATEWAYS + _CLOSED,
 }
 
 

@@ -33,7 +33,7 @@ from gateway.sessions.turns import LIVE_STATUSES, QueueFull, SessionStatus
 from gateway.store.durable import DurableEventLog
 from gateway.store.errors import StoreError
 from gateway.store.memory import MemoryEventLog
-from gateway.wire import CloseReason, ErrorCode, EventType, TurnStatus
+from gateway.wire import WORKER_EVENT_TYPES, CloseReason, ErrorCode, EventType, TurnStatus
 from workers.backends import ExitStatus, UnknownAgentError, Worker, WorkerBackend, WorkerStartError
 from workers.channel import ChannelError, Frame, Kind, LoopReads, encode_json
 from workers.ops import Op
@@ -750,7 +750,7 @@ class SessionRegistry:
             corrupt = str(exc)
             logger.warning("session %s: corrupt frame from worker %s: %s", session.id, worker.pid, exc)
         except InvalidEventType as exc:
-            corrupt = f"an event type that is not a token: {exc.args[0][:80]!r}"
+            corrupt = f"an event type a worker may not send: {exc.args[0][:80]!r}"
             logger.warning("session %s: corrupt frame from worker %s: %s", session.id, worker.pid, corrupt)
         if not slot.is_current(worker):
             return  # stopped on purpose (replacement or teardown): not a death
@@ -773,6 +773,8 @@ class SessionRegistry:
         end, payload_bytes, frame_bytes = start, 0, 0
         try:
             while True:
+                if frame.name not in WORKER_EVENT_TYPES:
+                    raise InvalidEventType(frame.name)
                 size = len(stream.produce(frame.name, frame.body))
                 frame_bytes += size
                 payload_bytes += len(frame.body)

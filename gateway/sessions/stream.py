@@ -23,7 +23,8 @@ _EVENT_TYPE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 class InvalidEventType(ValueError):
-    """A worker named an event with characters an event type cannot have (a broken or hostile worker)."""
+    """A worker named an event with characters an event type cannot have, or with a type only the gateway
+    sends (a broken or hostile worker)."""
 
 
 @dataclass(frozen=True)

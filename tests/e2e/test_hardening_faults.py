@@ -74,6 +74,7 @@ async def test_corrupt_frame_from_a_worker_is_an_unexpected_exit_and_the_session
         seqs = [e["seq"] for e in client.session_events(sid)]
         assert seqs == list(range(1, len(seqs) + 1))
         assert not [e for e in client.session_events(sid) if "injected" in e or '"' in e["type"]]
+        assert not client.session_events(sid, "session.closed")  # nothing spoke for the gateway
         assert (await neighbour.run_turn(other, "unaffected"))["status"] == "ok"
         assert not neighbour.session_events(other, "worker.exited")
     assert f"corrupt frame from worker {pid}" in gw.stderr()

@@ -8,7 +8,8 @@ from gateway.sessions.reaping import ReapInputs, reap_decision
 from gateway.sessions.stream import EventStream, Gap, InvalidEventType
 from gateway.sessions.turns import QueueFull, SessionStatus, TurnQueue
 from gateway.store.memory import MemoryEventLog
-from gateway.wire import CloseReason
+from gateway.wire import WORKER_EVENT_TYPES, CloseReason, EventType
+from workers.agents.base import TurnHandle
 
 GRACE, TTL, BLOCKED = 60.0, 6 * 3600.0, 300.0
 
@@ -133,6 +134,25 @@ def test_an_event_type_that_is_not_a_token_is_refused_and_takes_no_seq(bad: str)
     assert s.seq == 0 and len(s.log) == 0  # type: ignore[arg-type]
     s.produce("subagent.progress", b"{}")
     assert s.seq == 1
+
+
+def test_every_type_the_turn_handle_emits_is_one_a_worker_may_send() -> None:
+    """The allow-list the gateway enforces on workers' frames keeps up with the agent API."""
+    sent: list[str] = []
+    turn = TurnHandle("t1", lambda event_type, payload: sent.append(event_type))
+    turn.delta("d")
+    turn.reasoning("r")
+    turn.tool_call("c1", "grep", "{}")
+    turn.tool_output("out", call_id="c1")
+    sub = turn.subagent_start()
+    turn.subagent_progress(sub, progress=0.5)
+    turn.subagent_complete(sub, status="ok")
+    assert len(set(sent)) == 7 and set(sent) < WORKER_EVENT_TYPES
+    assert {EventType.TURN_START, EventType.TURN_COMPLETE} < WORKER_EVENT_TYPES  # sent by the worker itself
+    gateway_own = {EventType.GATEWAY_READY, EventType.WORKER_EXITED, EventType.SESSION_DETACHED,
+                   EventType.SESSION_CLOSED, EventType.REPLAY_TRUNCATED, EventType.SLASH_RESULT}
+    assert not gateway_own & WORKER_EVENT_TYPES
+    assert gateway_own | WORKER_EVENT_TYPES == set(EventType)
 
 
 def test_delivery_stops_when_the_owner_has_no_room() -> None:
