@@ -56,3 +56,17 @@ class CorruptFrame(Agent):
             os._exit(0)
         turn.wait_cancelled(120.0)  # the gateway must stop this worker; it never answers again
         return None
+
+
+class BadState(Agent):
+    """``save``: writes a CONTROL ``state`` frame whose value is not JSON (what a well-behaved worker can
+    never send: its snapshot is encoded for it); ``die``: the worker exits.  Anything else is echoed."""
+
+    def run_turn(self, text: str, turn: TurnHandle) -> TurnResult | None:
+        if text == "save":
+            body = b'{"state":1,"agent":"shell"}'  # passes the gateway's cheap check, is not one JSON value
+            os.write(_write_fd(turn), struct.pack(">IBB", 2 + 5 + len(body), 2, 5) + b"state" + body)
+        elif text == "die":
+            os._exit(3)
+        turn.delta(text)
+        return None

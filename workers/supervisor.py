@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import os
 import sys
@@ -34,9 +33,11 @@ from workers.channel import (
     FrameWriter,
     Kind,
     control_frame,
+    encode_frame,
     open_frame_reader,
     open_frame_writer,
 )
+from workers.ops import Op
 from workers.process import KeptProcess, describe_exit
 
 logger = logging.getLogger("worker_gateway.supervisor")
@@ -138,6 +139,12 @@ class WorkerHandle:
         if self._exited.done() or self._writer.closed:
             return
         self._writer.write(control_frame(op, body))
+
+    def send_encoded(self, op: str, body: bytes) -> None:
+        """:meth:`send` with a body that is already encoded (sent as it is)."""
+        if self._exited.done() or self._writer.closed:
+            return
+        self._writer.write(encode_frame(Kind.CONTROL, op, body))
 
     def frames(self) -> AsyncIterator[Frame]:
         """Frames from the worker, in order; ends at EOF (the worker and everything holding its pipe are
@@ -368,8 +375,12 @@ class Supervisor:
                 "scrub_secrets": self._scrub_secrets,
             }
             if state is not None:  # the agent's last snapshot, restored before start() (docs/agents.md)
-                init["state"] = json.loads(state)
-            handle.send("init", init)
+                init["state_frame"] = True
+            handle.send(Op.INIT, init)
+            if state is not None:
+                # As kept, in a frame of its own: the worker decodes it, never the loop (a state is up to a
+                # few MiB), and bytes that are not one JSON value cannot become keys of the init.
+                handle.send_encoded(Op.STATE, state)
             first = await asyncio.wait_for(self._first_frame(handle), max(0.0, deadline - loop.time()))
         except TimeoutError:
             await handle.stop()

@@ -5,9 +5,11 @@ Life of a worker (started idle by the supervisor's warm pool, through the forkse
 1. become the leader of a new process group and session, lower its priority, and split into the session's
    keeper (``workers/keeper.py``: it ends everything the session started) and the worker proper, which
    takes the configured CPU scheduling policy (``worker_sched``: normal, batch or idle);
-2. wait for CONTROL ``init`` {agent, options, cwd, session_id, sys_path, state?}; load the agent, hand it
-   ``state`` (``restore``) when present and not null, start it; answer ``ready`` {pid, agent} or
-   ``init_failed`` {code, message} (4004 unknown agent, 5001 anything else);
+2. wait for CONTROL ``init`` {agent, options, cwd, session_id, sys_path, state_frame?} (and, with
+   ``state_frame``, the CONTROL ``state`` frame after it, whose body is the session's last snapshot as
+   the gateway kept it: decoded here, not on the gateway's loop); load the agent, hand it that state
+   (``restore``) when present and not null, start it; answer ``ready`` {pid, agent} or ``init_failed``
+   {code, message} (4004 unknown agent, 5001 anything else, a state that is not JSON included);
 3. run ``prompt`` {turn_id, text} one at a time on the main thread, each framed by ``turn.start`` and
    exactly one ``turn.complete``, preceded by CONTROL ``state`` {state} when the agent has ``snapshot``;
    a reader thread takes ``cancel`` {turn_id} meanwhile and runs the turn's cancel callbacks at once;
@@ -16,6 +18,7 @@ Life of a worker (started idle by the supervisor's warm pool, through the forkse
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -109,6 +112,8 @@ def _serve(channel: BlockingChannel) -> None:
         return
     body = frame.json()
     try:
+        if body.pop("state_frame", False):
+            body["state"] = _saved_state(channel)
         agent, name = _start_agent(body)
     except _InitError as exc:
         channel.send_control(Op.INIT_FAILED, {"code": exc.code, "message": str(exc)})
@@ -167,6 +172,19 @@ def _start_agent(body: dict[str, Any]) -> tuple[Any, str]:
     if not callable(getattr(agent, "run_turn", None)):
         raise _InitError(INIT_FAILED, f"agent {name!r} has no run_turn(text, turn) method")
     return agent, name
+
+
+def _saved_state(channel: BlockingChannel) -> Any:
+    """The CONTROL ``state`` frame that follows an ``init`` with ``state_frame``, decoded."""
+    frame = channel.recv()
+    if frame is None:
+        raise _GatewayGone()
+    if frame.kind is not Kind.CONTROL or frame.name != Op.STATE:
+        raise _InitError(INIT_FAILED, f"expected the saved state after init, got {frame.name!r}")
+    try:
+        return json.loads(frame.body)
+    except ValueError as exc:  # only a broken or hostile earlier worker can have sent it
+        raise _InitError(INIT_FAILED, f"the session's saved state is not JSON: {exc}") from None
 
 
 def _restore(agent: Any, name: str, state: Any) -> None:

@@ -20,7 +20,7 @@ from workers.agents.load import LoadPlan, LoadPromptError, fake_secrets, parse_p
 from workers.channel import Frame, Kind
 from workers.ops import Op
 from workers.scrub import MAX_CHUNK_BYTES, REDACTED
-from workers.supervisor import Supervisor
+from workers.supervisor import Supervisor, WorkerStartError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -379,6 +379,24 @@ async def test_a_failing_restore_fails_the_start_with_its_message(supervisor: Su
     body = first.json()
     assert body["code"] == 5001 and "failed to restore its state: ValueError: unreadable state" in body["message"]
     await handle.stop()
+
+
+@pytest.mark.parametrize("raw", [b'1,"agent":"shell"', b'{"turns": 1', b"\xff\xfe"])
+async def test_a_saved_state_that_is_not_json_fails_the_start_in_the_worker(supervisor: Supervisor, raw: bytes) -> None:
+    """The gateway hands a state on as it kept it (only a broken or hostile worker can have sent one that is
+    not JSON); the new worker decodes it and fails its start (5001), where the gateway's loop used to raise
+    (a ValueError no caller expected) and where splicing it into the init would have added keys."""
+    with pytest.raises(WorkerStartError, match="saved state is not JSON"):
+        await supervisor.acquire("test_agents:TurnCounter", {}, None, "s1", state=raw)
+    handle = await supervisor.acquire("test_agents:TurnCounter", {}, None, "s1")  # the supervisor is fine
+    assert json.loads(texts(await run_turn(handle, "first"), "message.delta")[0])["turns"] == 1
+
+
+async def test_a_large_saved_state_reaches_restore_whole(supervisor: Supervisor) -> None:
+    state = {"turns": 41, "pad": "\u00e9" * (2 * 1024 * 1024)}  # 4 MiB of UTF-8: decoded in the worker only
+    handle = await supervisor.acquire("test_agents:TurnCounter", {}, None, "s1", state=json.dumps(state, ensure_ascii=False).encode())
+    events = await run_turn(handle, "next")
+    assert json.loads(texts(events, "message.delta")[0]) == {"turns": 42, "restored_before_start": True}
 
 
 async def test_a_failing_snapshot_keeps_the_turn_and_says_why(supervisor: Supervisor) -> None:
