@@ -144,7 +144,8 @@ class SlashRunner:
         worker = _Worker(proc)
         self._worker = worker
         try:
-            await asyncio.wait_for(self._await_ready(worker), self._config.worker_start_timeout_s)
+            async with asyncio.timeout(self._config.worker_start_timeout_s):  # keeps a cancel (wait_for may not)
+                await self._await_ready(worker)
         except (TimeoutError, _WorkerGone, ChannelError, ConnectionError) as exc:
             await self._stop(worker, grace_s=0.0)
             raise OSError(f"the slash worker did not become ready ({type(exc).__name__})") from None

@@ -359,7 +359,10 @@ class Supervisor:
             self._refill_wanted.set()
         if handle is None:
             try:
-                handle = await asyncio.wait_for(self._spawn(), self._start_timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11, wait_for returns the result of an inner that finished
+                # just as the caller was cancelled, losing the cancel (the test of a cancelled acquire hit it).
+                async with asyncio.timeout(self._start_timeout_s):
+                    handle = await self._spawn()
             except TimeoutError:
                 raise WorkerStartError(f"no worker could be started within {self._start_timeout_s:g} s") from None
             except (OSError, ValueError, RuntimeError, EOFError) as exc:
@@ -381,7 +384,8 @@ class Supervisor:
                 # As kept, in a frame of its own: the worker decodes it, never the loop (a state is up to a
                 # few MiB), and bytes that are not one JSON value cannot become keys of the init.
                 handle.send_encoded(Op.STATE, state)
-            first = await asyncio.wait_for(self._first_frame(handle), max(0.0, deadline - loop.time()))
+            async with asyncio.timeout_at(deadline):
+                first = await self._first_frame(handle)
         except TimeoutError:
             await handle.stop()
             raise WorkerStartError(

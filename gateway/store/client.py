@@ -234,7 +234,8 @@ class EventStore:
             request_timeout_s=request_timeout_s,
         )
         try:
-            first = await asyncio.wait_for(_first_frame(reader), open_timeout_s)
+            async with asyncio.timeout(open_timeout_s):  # keeps a cancel (3.11's wait_for may lose one)
+                first = await _first_frame(reader)
         except TimeoutError:
             await store._abort()
             raise StoreError(f"the store writer did not open {store.path} within {open_timeout_s:g} s") from None
