@@ -2,7 +2,8 @@
 
 A leaf module: it imports nothing of the project, so the server, the Python client, the load test, the
 benchmarks and the tests all name things the same way.  The dashboard's ``static/js/protocol.js`` mirrors
-it, and ``tests/unit/test_wire_js.py`` checks that the two agree.
+it, and ``tests/unit/test_wire_js.py`` checks that the two agree.  (``WORKER_EVENT_TYPES`` is the one
+server-side name here: which of those event types the gateway takes from a worker.)
 """
 
 from __future__ import annotations

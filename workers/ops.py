@@ -15,7 +15,7 @@ class Op(enum.StrEnum):
     CANCEL = "cancel"  #: {turn_id}: stop the running turn
     # agent worker -> gateway
     READY = "ready"  #: {pid, agent}: the agent is loaded and takes prompts (slash worker: {pid})
-    INIT_FAILED = "init_failed"  #: {code, message}: the agent could not be loaded
+    INIT_FAILED = "init_failed"  #: {code, message, bad_state?}: the agent could not be loaded
     STATE = "state"  #: {state}: the agent's snapshot after a turn, sent before that turn's turn.complete;
     #: gateway -> agent worker, right after an init with state_frame: the snapshot's value itself
     # gateway -> slash worker, and its answer

@@ -74,6 +74,11 @@ class WorkerStartError(Exception):
         self.message = message
 
 
+class SavedStateError(WorkerStartError):
+    """The new worker could not decode the session's saved state (5001): the state is unusable for good,
+    so the caller drops it (only a broken or hostile earlier worker can have saved it)."""
+
+
 class UnknownAgentError(WorkerStartError):
     """The requested agent does not exist (JSON-RPC error 4004)."""
 
@@ -403,6 +408,8 @@ class Supervisor:
             message = str(body.get("message") or "the agent failed to start")
             if body.get("code") == UnknownAgentError.code:
                 raise UnknownAgentError(message)
+            if body.get("bad_state") is True:
+                raise SavedStateError(message)
             raise WorkerStartError(message)
         raise WorkerStartError(f"worker {handle.pid} answered init with {first.name!r}")
 

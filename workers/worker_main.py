@@ -116,7 +116,10 @@ def _serve(channel: BlockingChannel) -> None:
             body["state"] = _saved_state(channel)
         agent, name = _start_agent(body)
     except _InitError as exc:
-        channel.send_control(Op.INIT_FAILED, {"code": exc.code, "message": str(exc)})
+        failed: dict[str, Any] = {"code": exc.code, "message": str(exc)}
+        if exc.bad_state:
+            failed["bad_state"] = True
+        channel.send_control(Op.INIT_FAILED, failed)
         return
     channel.send_control(Op.READY, {"pid": os.getpid(), "agent": name})
     _Session(channel, agent).serve()
@@ -128,9 +131,10 @@ class _GatewayGone(BaseException):
 
 
 class _InitError(Exception):
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, *, bad_state: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.bad_state = bad_state  # the saved state itself is unusable: the gateway drops it
 
 
 def _start_agent(body: dict[str, Any]) -> tuple[Any, str]:
@@ -183,8 +187,8 @@ def _saved_state(channel: BlockingChannel) -> Any:
         raise _InitError(INIT_FAILED, f"expected the saved state after init, got {frame.name!r}")
     try:
         return json.loads(frame.body)
-    except ValueError as exc:  # only a broken or hostile earlier worker can have sent it
-        raise _InitError(INIT_FAILED, f"the session's saved state is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # only a broken or hostile earlier worker can have sent it
+        raise _InitError(INIT_FAILED, f"the session's saved state is not JSON: {exc}", bad_state=True) from None
 
 
 def _restore(agent: Any, name: str, state: Any) -> None:

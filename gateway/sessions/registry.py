@@ -34,7 +34,7 @@ from gateway.store.durable import DurableEventLog
 from gateway.store.errors import StoreError
 from gateway.store.memory import MemoryEventLog
 from gateway.wire import WORKER_EVENT_TYPES, CloseReason, ErrorCode, EventType, TurnStatus
-from workers.backends import ExitStatus, UnknownAgentError, Worker, WorkerBackend, WorkerStartError
+from workers.backends import ExitStatus, SavedStateError, UnknownAgentError, Worker, WorkerBackend, WorkerStartError
 from workers.channel import ChannelError, Frame, Kind, LoopReads, encode_json
 from workers.ops import Op
 
@@ -390,7 +390,8 @@ class SessionRegistry:
         if session.restored and session.agent_state is None and self.store is not None:
             session.restored = False
             try:
-                session.agent_state = await self.store.get_state(session.id)
+                stored = await self.store.get_state(session.id)
+                session.agent_state = None if stored == b"null" else stored
             except StoreError as exc:
                 logger.warning("session %s: its saved agent state could not be read: %s", session.id, exc)
         try:
@@ -400,6 +401,21 @@ class SessionRegistry:
         except UnknownAgentError as exc:
             session.slot.empty()
             raise rpc.RpcError(ErrorCode.UNKNOWN_AGENT, str(exc), {"agent": session.agent}) from None
+        except SavedStateError as exc:
+            # Unusable for good (a broken or hostile worker saved it): keeping it would fail every start,
+            # after restarts too.  Dropped loudly; the next start has no state.
+            session.slot.empty()
+            session.agent_state = None
+            logger.warning("session %s: dropped its saved agent state: %s", session.id, exc)
+            if self.store is not None:
+                try:
+                    self.store.put_state(session.id, session.seq, b"null")  # read back as no state
+                except StoreError as store_exc:
+                    logger.warning("session %s: the store kept its unusable state: %s", session.id, store_exc)
+            raise rpc.RpcError(
+                ErrorCode.WORKER_START_FAILED,
+                f"worker failed to start: {exc}; the state was dropped, the next prompt starts the agent without it",
+            ) from None
         except WorkerStartError as exc:
             session.slot.empty()
             cause = exc.__cause__

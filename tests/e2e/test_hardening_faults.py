@@ -80,10 +80,10 @@ async def test_corrupt_frame_from_a_worker_is_an_unexpected_exit_and_the_session
     assert f"corrupt frame from worker {pid}" in gw.stderr()
 
 
-async def test_a_saved_state_that_is_not_json_fails_the_next_start_and_the_session_stays_usable(
-        gateway_factory) -> None:
+async def test_a_saved_state_that_is_not_json_fails_one_start_and_is_dropped(gateway_factory) -> None:
     """A worker saves a state that is not JSON, then dies: the next worker's start fails with 5001 and says
-    why (it used to raise on the gateway's loop and leave the prompt waiting for a worker forever)."""
+    why (it used to raise on the gateway's loop and leave the prompt waiting for a worker forever); the
+    state is dropped, so the prompt after that runs on a worker without it."""
     gw = gateway_factory(env=TEST_AGENTS_ENV)
     async with RpcClient.connect(gw.url()) as client:
         created = await client.call("session.create", agent="hardening_agents:BadState")
@@ -94,8 +94,11 @@ async def test_a_saved_state_that_is_not_json_fails_the_next_start_and_the_sessi
         await gone(pid)
         done = await client.run_turn(sid, "next", timeout=20)
         assert done["status"] == "error" and "saved state is not JSON" in done["error"], done
-        assert (await client.call("session.active_list"))["sessions"][0]["session_id"] == sid
+        assert "the state was dropped" in done["error"], done
+        assert (await client.run_turn(sid, "after", timeout=20))["status"] == "ok"
+        assert [e for e in client.session_events(sid, "message.delta")][-1]["payload"]["text"] == "after"
         await client.call("session.close", session_id=sid)
+    assert "dropped its saved agent state" in gw.stderr()
 
 
 async def test_gateway_killed_with_sigkill_takes_every_group_down_within_3s(gateway_factory) -> None:

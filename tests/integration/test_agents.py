@@ -20,7 +20,7 @@ from workers.agents.load import LoadPlan, LoadPromptError, fake_secrets, parse_p
 from workers.channel import Frame, Kind
 from workers.ops import Op
 from workers.scrub import MAX_CHUNK_BYTES, REDACTED
-from workers.supervisor import Supervisor, WorkerStartError
+from workers.supervisor import SavedStateError, Supervisor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -381,12 +381,13 @@ async def test_a_failing_restore_fails_the_start_with_its_message(supervisor: Su
     await handle.stop()
 
 
-@pytest.mark.parametrize("raw", [b'1,"agent":"shell"', b'{"turns": 1', b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b'1,"agent":"shell"', b'{"turns": 1', b"\xff\xfe", b"[" * 200_000],
+                         ids=["spliced-keys", "cut-short", "not-utf8", "too-deep"])
 async def test_a_saved_state_that_is_not_json_fails_the_start_in_the_worker(supervisor: Supervisor, raw: bytes) -> None:
     """The gateway hands a state on as it kept it (only a broken or hostile worker can have sent one that is
     not JSON); the new worker decodes it and fails its start (5001), where the gateway's loop used to raise
     (a ValueError no caller expected) and where splicing it into the init would have added keys."""
-    with pytest.raises(WorkerStartError, match="saved state is not JSON"):
+    with pytest.raises(SavedStateError, match="saved state is not JSON"):
         await supervisor.acquire("test_agents:TurnCounter", {}, None, "s1", state=raw)
     handle = await supervisor.acquire("test_agents:TurnCounter", {}, None, "s1")  # the supervisor is fine
     assert json.loads(texts(await run_turn(handle, "first"), "message.delta")[0])["turns"] == 1

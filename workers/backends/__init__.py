@@ -11,9 +11,17 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from workers.channel import Frame
-from workers.supervisor import ExitStatus, UnknownAgentError, WorkerStartError
+from workers.supervisor import ExitStatus, SavedStateError, UnknownAgentError, WorkerStartError
 
-__all__ = ["ExitStatus", "UnknownAgentError", "Worker", "WorkerBackend", "WorkerStartError", "create_backend"]
+__all__ = [
+    "ExitStatus",
+    "SavedStateError",
+    "UnknownAgentError",
+    "Worker",
+    "WorkerBackend",
+    "WorkerStartError",
+    "create_backend",
+]
 
 
 class Worker(Protocol):

@@ -38,7 +38,7 @@ from workers.backends.ray_host import WorkerHost, pid_space
 from workers.backends.ray_placement import HostLoad, HostState, choose_node, no_room_message
 from workers.backends.ray_slash import RaySlashWorker
 from workers.channel import ChannelError, Frame, FrameDecoder
-from workers.supervisor import ExitStatus, UnknownAgentError, WorkerStartError
+from workers.supervisor import ExitStatus, SavedStateError, UnknownAgentError, WorkerStartError
 
 logger = logging.getLogger("worker_gateway.ray")
 
@@ -342,6 +342,8 @@ class RayBackend:
                 host.sessions -= 1
                 self._room.set()
                 error = UnknownAgentError if result["code"] == UnknownAgentError.code else WorkerStartError
+                if result.get("bad_state") is True:
+                    error = SavedStateError
                 raise error(result["message"])
             worker = RayWorker(self, host, result["worker_id"], result["pid"], agent)
             self._workers.add(worker)
@@ -367,9 +369,8 @@ class RayBackend:
                 cwd, options["watchdog_poll_s"], options["nice"], options["kill_grace_s"]
             )
             try:
-                result = await asyncio.wait_for(
-                    asyncio.wrap_future(ref.future()), self.start_timeout_s + _HOST_TIMEOUT_S
-                )
+                async with asyncio.timeout(self.start_timeout_s + _HOST_TIMEOUT_S):  # keeps a cancel
+                    result = await asyncio.wrap_future(ref.future())
             except TimeoutError:
                 self._host_failed(host, "slash worker start timed out")
                 raise OSError(
@@ -587,7 +588,8 @@ class RayBackend:
         ref = host.actor.acquire.remote(agent, options, cwd, session_id, state)
         future = asyncio.wrap_future(ref.future())
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.start_timeout_s + 5.0)
+            async with asyncio.timeout(self.start_timeout_s + 5.0):  # keeps a cancel (3.11's wait_for may not)
+                return await asyncio.shield(future)
         except TimeoutError:
             future.add_done_callback(lambda f: self._abandon(host, f))
             raise WorkerStartError(

@@ -30,7 +30,7 @@ import psutil
 
 from workers.channel import ChannelError, FrameReader, encode_frame
 from workers.slash_process import SlashProcess, start_slash_worker
-from workers.supervisor import Supervisor, UnknownAgentError, WorkerHandle, WorkerStartError
+from workers.supervisor import SavedStateError, Supervisor, UnknownAgentError, WorkerHandle, WorkerStartError
 
 logger = logging.getLogger("worker_gateway.ray_host")
 
@@ -86,7 +86,10 @@ class WorkerHost:
         except UnknownAgentError as exc:
             return {"ok": False, "code": UnknownAgentError.code, "message": exc.message}
         except WorkerStartError as exc:
-            return {"ok": False, "code": WorkerStartError.code, "message": exc.message}
+            failed = {"ok": False, "code": WorkerStartError.code, "message": exc.message}
+            if isinstance(exc, SavedStateError):
+                failed["bad_state"] = True
+            return failed
         worker_id = uuid.uuid4().hex
         self._workers[worker_id] = handle
         return {"ok": True, "worker_id": worker_id, "pid": handle.pid}

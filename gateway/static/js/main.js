@@ -215,6 +215,7 @@ function forgetClosed(s) {
 }
 
 async function resume(s) {
+  const wasOwned = s.owned; // true on gateway.ready (the page's own sessions); false for a click on another
   try {
     const result = await conn.call(Method.SESSION_RESUME, { session_id: s.id, after_seq: s.seq.lastSeq });
     s.owned = true;
@@ -225,9 +226,10 @@ async function resume(s) {
     }
     return true;
   } catch (err) {
-    // The socket went while the call was out: the session is still ours, and the next gateway.ready
-    // resumes it from the same seq (dropping it here lost a running turn after two quick drops).
-    if (err.code === LocalError.NOT_CONNECTED) return false;
+    // The socket went while the call was out: a session that was ours stays ours, and the next
+    // gateway.ready resumes it from the same seq (dropping it here lost a running turn after two quick
+    // drops). A click on a session that was not ours says why nothing happened, as before.
+    if (err.code === LocalError.NOT_CONNECTED && wasOwned) return false;
     s.owned = false;
     if (err.code === ErrorCode.NOT_FOUND) {
       forgetClosed(s);
