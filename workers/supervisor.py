@@ -141,15 +141,15 @@ class WorkerHandle:
         """Queue a CONTROL frame to the worker without blocking.  A no-op once the worker is gone (its end
         is reported through :meth:`wait` and the end of :meth:`frames`).  Raises :class:`ChannelError` if
         the worker has stopped reading control frames altogether (it is broken: stop it)."""
-        if self._exited.done() or self._writer.closed:
-            return
-        self._writer.write(control_frame(op, body))
+        self._write(control_frame(op, body))
 
     def send_encoded(self, op: str, body: bytes) -> None:
         """:meth:`send` with a body that is already encoded (sent as it is)."""
-        if self._exited.done() or self._writer.closed:
-            return
-        self._writer.write(encode_frame(Kind.CONTROL, op, body))
+        self._write(encode_frame(Kind.CONTROL, op, body))
+
+    def _write(self, frame: bytes) -> None:
+        if not self._exited.done() and not self._writer.closed:
+            self._writer.write(frame)
 
     def frames(self) -> AsyncIterator[Frame]:
         """Frames from the worker, in order; ends at EOF (the worker and everything holding its pipe are
