@@ -167,12 +167,10 @@ class GatewayServer(uvicorn.Server):
         self.announce(self.port)
 
     def announce(self, port: int) -> None:
+        """The people's line on stderr first, then the ready file and the machine line on stdout: whoever
+        waits for readiness finds the stderr line already written (a test read it too early once)."""
         cfg = self.gateway_config
         base = f"http://{display_host(cfg.host)}:{port}{cfg.normalized_root_path}/"
-        if cfg.ready_file:
-            write_ready_file(cfg.ready_file, port)
-        sys.stdout.write(f"{READY_PREFIX} port={port} url={base}\n")
-        sys.stdout.flush()
         dashboard = f"{base}?token={cfg.token}" if cfg.token else base
         ping = describe_ping(cfg)
         print(
@@ -180,6 +178,10 @@ class GatewayServer(uvicorn.Server):
             file=sys.stderr,
             flush=True,
         )
+        if cfg.ready_file:
+            write_ready_file(cfg.ready_file, port)
+        sys.stdout.write(f"{READY_PREFIX} port={port} url={base}\n")
+        sys.stdout.flush()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # Sessions first, while their owners are still connected to hear session.closed(shutdown).
