@@ -73,6 +73,23 @@ class WorkerStartError(Exception):
         super().__init__(message)
         self.message = message
 
+    def as_body(self) -> dict[str, Any]:
+        """As a worker's ``init_failed`` body says it (how a Ray host hands the error on)."""
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if isinstance(self, SavedStateError):
+            body["bad_state"] = True
+        return body
+
+    @staticmethod
+    def from_body(body: dict[str, Any]) -> WorkerStartError:
+        """The error an ``init_failed`` body (or :meth:`as_body`) names."""
+        message = str(body.get("message") or "the agent failed to start")
+        if body.get("code") == UnknownAgentError.code:
+            return UnknownAgentError(message)
+        if body.get("bad_state") is True:
+            return SavedStateError(message)
+        return WorkerStartError(message)
+
 
 class SavedStateError(WorkerStartError):
     """The new worker could not decode the session's saved state (5001): the state is unusable for good,
@@ -404,13 +421,7 @@ class Supervisor:
             return handle
         await handle.stop()
         if first.kind is Kind.CONTROL and first.name == "init_failed":
-            body = first.json()
-            message = str(body.get("message") or "the agent failed to start")
-            if body.get("code") == UnknownAgentError.code:
-                raise UnknownAgentError(message)
-            if body.get("bad_state") is True:
-                raise SavedStateError(message)
-            raise WorkerStartError(message)
+            raise WorkerStartError.from_body(first.json())
         raise WorkerStartError(f"worker {handle.pid} answered init with {first.name!r}")
 
     async def close(self) -> None:

@@ -38,7 +38,7 @@ from workers.backends.ray_host import WorkerHost, pid_space
 from workers.backends.ray_placement import HostLoad, HostState, choose_node, no_room_message
 from workers.backends.ray_slash import RaySlashWorker
 from workers.channel import ChannelError, Frame, FrameDecoder
-from workers.supervisor import ExitStatus, SavedStateError, UnknownAgentError, WorkerStartError
+from workers.supervisor import ExitStatus, UnknownAgentError, WorkerStartError
 
 logger = logging.getLogger("worker_gateway.ray")
 
@@ -341,10 +341,7 @@ class RayBackend:
             if not result["ok"]:
                 host.sessions -= 1
                 self._room.set()
-                error = UnknownAgentError if result["code"] == UnknownAgentError.code else WorkerStartError
-                if result.get("bad_state") is True:
-                    error = SavedStateError
-                raise error(result["message"])
+                raise WorkerStartError.from_body(result)
             worker = RayWorker(self, host, result["worker_id"], result["pid"], agent)
             self._workers.add(worker)
             self._observe(loop.time() - began)

@@ -30,7 +30,7 @@ import psutil
 
 from workers.channel import ChannelError, FrameReader, encode_frame
 from workers.slash_process import SlashProcess, start_slash_worker
-from workers.supervisor import SavedStateError, Supervisor, UnknownAgentError, WorkerHandle, WorkerStartError
+from workers.supervisor import Supervisor, WorkerHandle, WorkerStartError
 
 logger = logging.getLogger("worker_gateway.ray_host")
 
@@ -79,17 +79,12 @@ class WorkerHost:
     async def acquire(
         self, agent: str, options: dict[str, Any], cwd: str | None, session_id: str | None, state: bytes | None
     ) -> dict[str, Any]:
-        """A ready worker, as ``{"ok": True, "worker_id", "pid"}``, or ``{"ok": False, "code", "message"}``
+        """A ready worker, as ``{"ok": True, "worker_id", "pid"}``, or ``{"ok": False, "code", "message", "bad_state"?}``
         (errors travel as values: Ray's wrapped exceptions would lose the type the gateway maps to a code)."""
         try:
             handle = await self._supervisor.acquire(agent, options, cwd, session_id, state=state)
-        except UnknownAgentError as exc:
-            return {"ok": False, "code": UnknownAgentError.code, "message": exc.message}
         except WorkerStartError as exc:
-            failed = {"ok": False, "code": WorkerStartError.code, "message": exc.message}
-            if isinstance(exc, SavedStateError):
-                failed["bad_state"] = True
-            return failed
+            return {"ok": False, **exc.as_body()}
         worker_id = uuid.uuid4().hex
         self._workers[worker_id] = handle
         return {"ok": True, "worker_id": worker_id, "pid": handle.pid}
