@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import psutil
 
+from workers import priority
 from workers.process import KeptProcess
 
 if sys.platform != "win32":
@@ -338,6 +339,9 @@ def _child_setup(slave: int, nice: int):  # type: ignore[no-untyped-def]
         fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
         if nice:
             os.nice(nice)
+            # One attempt only (no thread can run here): terminals are not started in bursts, so the
+            # kernel's rate limit on autogroup changes seldom refuses it.
+            priority.set_autogroup_nice(nice)
 
     return setup
 

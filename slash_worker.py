@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workers import keeper
+from workers import keeper, priority
 from workers.channel import ChannelError, FrameDecoder, Kind, control_frame
 from workers.scrub import scrub
 
@@ -456,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         graceful_on_child_exit=False,
         poll_s=max(WATCHDOG_FLOOR_S, args.poll),
     )
+    priority.nice_autogroup(args.nice)
     registry = build_registry()
     # Announce readiness so the gateway's per-command timeout never counts this interpreter's start-up.
     _write_all(frames_fd, control_frame("ready", {"pid": os.getpid()}))

@@ -251,8 +251,9 @@ class Config:
     )
     worker_nice: int = knob(
         int,
-        5,
-        "nice increment of worker processes (keeps the relay first on a busy CPU)",
+        19,
+        "nice of worker processes and of their sessions' scheduling groups (Linux autogroups): keeps the "
+        "relay first on a CPU that many sessions keep busy",
         0,
         19,
     )

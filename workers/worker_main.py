@@ -28,7 +28,7 @@ import threading
 import traceback
 from typing import Any
 
-from workers import keeper
+from workers import keeper, priority
 from workers.agents.base import TurnCancelled, TurnHandle, TurnResult
 from workers.agents.registry import AgentLoadError, UnknownAgent, load_factory
 from workers.channel import BlockingChannel, ChannelError, Frame, Kind, control_frame
@@ -92,6 +92,7 @@ def main(
         child_own_group=True,
     )
     apply_sched(sched)  # the worker proper only: the keeper must stay prompt at ending the session
+    priority.nice_autogroup(nice)  # the session's scheduling group too, or its nice ranks it only inside it
     channel = BlockingChannel(read_fd, write_fd)
     try:
         _serve(channel)

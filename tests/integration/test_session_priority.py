@@ -1,0 +1,105 @@
+"""Every session the gateway starts gets its nice on its autogroup too (workers/priority.py), for real:
+an agent worker, a slash worker, a terminal, and sessions of an unprivileged user under the kernel's
+rate limit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pty_bridge import PtyProcess
+from worker_helpers import supervisor, wait_until  # noqa: F401  (supervisor is a fixture)
+from workers import priority
+from workers.slash_process import start_slash_worker
+from workers.supervisor import Supervisor
+
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(not os.path.exists(priority.AUTOGROUP), reason="this kernel has no autogroups"),
+]
+
+
+def autogroup_nice(pid: int) -> int | None:
+    """The nice of ``pid``'s autogroup (None once it is gone); the file reads ``/autogroup-N nice K``."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+async def test_an_agent_workers_session_gets_the_workers_nice(supervisor: Supervisor) -> None:  # noqa: F811
+    ours = Path("/proc/self/autogroup").read_text()
+    handle = await supervisor.acquire("echo", {}, None, "s1")
+    try:
+        await wait_until(lambda: autogroup_nice(handle.pid) == 5, 20, "the worker's autogroup at nice 5")
+        assert Path("/proc/self/autogroup").read_text() == ours  # the gateway's own group is left alone
+    finally:
+        await handle.stop()
+
+
+async def test_a_slash_workers_session_gets_its_nice(tmp_path: Path) -> None:
+    worker = await start_slash_worker(cwd=str(tmp_path), gateway_pid=os.getpid(), poll_s=0.05, nice=3,
+                                      kill_grace_s=0.5)
+    try:
+        await wait_until(lambda: autogroup_nice(worker.pid) == 3, 20, "the slash worker's autogroup at nice 3")
+    finally:
+        await worker.aclose(0.5)
+
+
+async def test_a_terminals_session_gets_its_nice(tmp_path: Path) -> None:
+    pty = await PtyProcess.spawn(["/bin/sh", "-c", "sleep 60"], cwd=str(tmp_path), nice=4)
+    try:
+        assert autogroup_nice(pty.program_pid) == 4
+    finally:
+        await pty.terminate()
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+SETPRIV = shutil.which("setpriv")
+UNPRIVILEGED_SESSION = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import priority
+os.setsid()
+thread = priority.nice_autogroup(19)
+if thread is not None:
+    thread.join()
+print(open("/proc/self/autogroup").read().split()[-1], "retried" if thread else "first-try", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None or not os.access(SYSTEM_PYTHON, os.X_OK),
+                    reason="needs root, setpriv and a system python to run sessions as an unprivileged user")
+async def test_sessions_started_together_by_an_unprivileged_user_all_get_their_nice() -> None:
+    """Without CAP_SYS_ADMIN the kernel takes one autogroup change per 100 ms machine-wide and refuses
+    the rest (EAGAIN): sessions started in a burst must each still end up at their nice."""
+    here = tempfile.mkdtemp(prefix="wg-priority-")  # readable by nobody, unlike pytest's tmp_path
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        os.chmod(here, 0o755)
+        shutil.copy(priority.__file__, os.path.join(here, "priority.py"))
+        argv = [SETPRIV, "--reuid=65534", "--regid=65534", "--clear-groups", SYSTEM_PYTHON, "-c",
+                UNPRIVILEGED_SESSION, here]
+        for _ in range(4):
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=here))
+        deadline = time.monotonic() + 60
+        outs = []
+        for proc in procs:
+            out, err = await asyncio.to_thread(proc.communicate, timeout=max(1.0, deadline - time.monotonic()))
+            assert proc.returncode == 0, err
+            outs.append(out.split())
+        assert [nice for nice, _ in outs] == ["19"] * 4, outs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(here, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""A session's CPU priority below the gateway's, across sessions too: its nice and its autogroup's.
+
+Every session the gateway starts leads a new Linux session (``setsid``: its id is what the teardown
+sweeps).  With autogroup scheduling (``CONFIG_SCHED_AUTOGROUP``, on in most distributions' kernels and
+used for every process outside a CPU cgroup) each session is also a scheduling group of its own, of nice-0
+weight, and a process's nice only ranks it *inside* its group.  So ``nice`` alone left 64 busy sessions
+weighing 64 times the gateway: the loop, once it had used its share, waited 40 to 100 ms for the CPU
+(measured with ``perf sched`` at 64 streaming sessions).  The session's autogroup therefore gets the same
+nice (``/proc/self/autogroup``).
+
+The kernel takes one autogroup change per 100 ms, machine-wide, from a process without ``CAP_SYS_ADMIN``
+(``EAGAIN`` otherwise), so a burst of session starts is refused at first: a refused change is retried from
+a daemon thread, with jitter, for a bounded time.  The process's own nice is its caller's (``os.nice``).
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import threading
+import time
+from collections.abc import Callable
+from enum import Enum
+
+AUTOGROUP = "/proc/self/autogroup"
+#: The kernel's rate limit is 100 ms machine-wide: retry a little later than that, jittered, so that
+#: sessions started together take turns; about 60 s in all, enough for a few hundred sessions started at once.
+RETRY_S = (0.1, 0.2)
+RETRY_ATTEMPTS = 400
+
+
+class Outcome(Enum):
+    SET = "set"
+    BUSY = "busy"  # the machine-wide rate limit: try again later
+    UNSUPPORTED = "unsupported"  # no autogroups here (not Linux, or a kernel without them)
+    REFUSED = "refused"  # not allowed (e.g. a negative nice without the right)
+
+
+def set_autogroup_nice(nice: int, path: str = AUTOGROUP) -> Outcome:
+    """One attempt to give the autogroup at ``path`` the nice ``nice``."""
+    try:
+        with open(path, "w") as f:
+            f.write(str(nice))
+    except FileNotFoundError:
+        return Outcome.UNSUPPORTED
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):
+            return Outcome.BUSY
+        return Outcome.REFUSED
+    return Outcome.SET
+
+
+def nice_autogroup(
+    nice: int,
+    *,
+    attempt: Callable[[int], Outcome] = set_autogroup_nice,
+    retry_s: tuple[float, float] = RETRY_S,
+    attempts: int = RETRY_ATTEMPTS,
+) -> threading.Thread | None:
+    """Give this process's session (its autogroup) the nice ``nice``; 0 or less leaves it alone.  Returns
+    the daemon thread that retries a change the kernel refused for its rate limit, if one was needed."""
+    if nice <= 0:
+        return None
+    if attempt(nice) is not Outcome.BUSY:
+        return None
+    thread = threading.Thread(
+        target=_retry, args=(nice, attempt, retry_s, attempts - 1), name="autogroup-nice", daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def _retry(nice: int, attempt: Callable[[int], Outcome], retry_s: tuple[float, float], attempts: int) -> None:
+    for _ in range(attempts):
+        time.sleep(random.uniform(*retry_s))
+        if attempt(nice) is not Outcome.BUSY:
+            return
