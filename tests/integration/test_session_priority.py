@@ -4,11 +4,9 @@ rate limit."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,7 +76,7 @@ print(open("/proc/self/autogroup").read().split()[-1], "retried" if thread else 
 
 @pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None or not os.access(SYSTEM_PYTHON, os.X_OK),
                     reason="needs root, setpriv and a system python to run sessions as an unprivileged user")
-async def test_sessions_started_together_by_an_unprivileged_user_all_get_their_nice() -> None:
+def test_sessions_started_together_by_an_unprivileged_user_all_get_their_nice() -> None:
     """Without CAP_SYS_ADMIN the kernel takes one autogroup change per 100 ms machine-wide and refuses
     the rest (EAGAIN): sessions started in a burst must each still end up at their nice."""
     here = tempfile.mkdtemp(prefix="wg-priority-")  # readable by nobody, unlike pytest's tmp_path
@@ -93,7 +91,7 @@ async def test_sessions_started_together_by_an_unprivileged_user_all_get_their_n
         deadline = time.monotonic() + 60
         outs = []
         for proc in procs:
-            out, err = await asyncio.to_thread(proc.communicate, timeout=max(1.0, deadline - time.monotonic()))
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             assert proc.returncode == 0, err
             outs.append(out.split())
         assert [nice for nice, _ in outs] == ["19"] * 4, outs
