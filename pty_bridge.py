@@ -341,7 +341,10 @@ def _child_setup(slave: int, nice: int):  # type: ignore[no-untyped-def]
             os.nice(nice)
             # One attempt only (no thread can run here): terminals are not started in bursts, so the
             # kernel's rate limit on autogroup changes seldom refuses it.
-            priority.set_autogroup_nice(nice)
+            try:
+                priority.set_autogroup_nice(nice)
+            except Exception:  # a tuning: never fail the terminal's start over it
+                pass
 
     return setup
 

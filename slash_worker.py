@@ -446,8 +446,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="slash_worker %(levelname)s %(message)s")
     frames_fd = _claim_stdout()
-    if args.nice:
-        os.nice(args.nice)
     keeper.fork_kept(
         gateway_pid=args.parent_pid,
         lifeline_fd=0,
@@ -456,7 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         graceful_on_child_exit=False,
         poll_s=max(WATCHDOG_FLOOR_S, args.poll),
     )
-    priority.nice_autogroup(args.nice)
+    if args.nice > 0:  # the slash worker proper only (see workers/priority.py), not its keeper
+        os.nice(args.nice)
+        priority.nice_autogroup(args.nice)
     registry = build_registry()
     # Announce readiness so the gateway's per-command timeout never counts this interpreter's start-up.
     _write_all(frames_fd, control_frame("ready", {"pid": os.getpid()}))

@@ -21,6 +21,7 @@ from bench.procs import PING, ServerProcess
 from bench.report import Goal, Options, Section, ms, table
 from bench.stats import median, percentile
 from bench.wsclient import BenchClient
+from gateway.config import Config
 
 KEY = "stall"
 PROMPT = "cpu_s=20 gil=regex"
@@ -172,7 +173,7 @@ async def run(opts: Options) -> Section:
     lag_note = ""
     if not gw8["lag_p99"] < 0.020:
         lag_note = (f"the loop only answers pings here, so the lag is time spent waiting for a CPU: 8 workers "
-                    f"(nice 5) burning {os.cpu_count()} cores, plus whatever else ran (load average "
+                    f"(nice {Config().worker_nice}) burning {os.cpu_count()} cores, plus whatever else ran (load average "
                     f"{os.getloadavg()[0]:.1f} at the end of this benchmark)")
     goals = [
         Goal("loop lag p99, 8 sessions burning the GIL", "< 20 ms", f"{ms(gw8['lag_p99'])} ms "

@@ -18,6 +18,7 @@ from bench.procs import ROOT, ServerProcess
 from bench.report import Goal, Options, Section, ms, table
 from bench.stats import percentile
 from bench.wsclient import BenchClient
+from gateway.config import Config
 
 KEY = "start"
 POOL = 2
@@ -91,7 +92,7 @@ async def run(opts: Options) -> Section:
         note = (f"store on vs `--no-state`: {(percentile(warm, 0.5) - percentile(warm_nostate, 0.5)) * 1000:+.1f} ms on a "
                 f"warm create's p50 (`--no-state` warm: {ms(percentile(warm_nostate, 0.5))} ms); a cold start is already cheap (a fork of the forkserver, {ms(percentile(cold, 0.5))} ms, vs "
                 f"{ms(percentile(interpreter, 0.5))} ms for a fresh interpreter), so the pool saves only the fork; "
-                "both are dominated by scheduling the worker (nice 5) on a busy machine")
+                f"both are dominated by scheduling the worker (nice {Config().worker_nice}) on a busy machine")
     goals = [Goal("warm start p50 vs cold start p50", "≤ 0.25×",
                   f"{ratio:.2f}× ({ms(percentile(warm, 0.5))} vs {ms(percentile(cold, 0.5))} ms)", ratio <= 0.25,
                   note)]

@@ -11,11 +11,17 @@ nice (``/proc/self/autogroup``).
 The kernel takes one autogroup change per 100 ms, machine-wide, from a process without ``CAP_SYS_ADMIN``
 (``EAGAIN`` otherwise), so a burst of session starts is refused at first: a refused change is retried from
 a daemon thread, with jitter, for a bounded time.  The process's own nice is its caller's (``os.nice``).
+
+The keeper shares the group: it sets the group back to nice 0 when it starts ending the session
+(``workers/keeper.py``), and its own task nice stays 0, so inside the group it outweighs its worker.
+This is a tuning, not a guarantee: an agent may write 0 back, and a process that calls ``setsid`` gets a
+new group of nice 0.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import random
 import threading
 import time
@@ -38,15 +44,18 @@ class Outcome(Enum):
 
 def set_autogroup_nice(nice: int, path: str = AUTOGROUP) -> Outcome:
     """One attempt to give the autogroup at ``path`` the nice ``nice``."""
-    try:
-        with open(path, "w") as f:
-            f.write(str(nice))
+    try:  # one write(2), unbuffered, so that its errno is the kernel's answer
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return Outcome.UNSUPPORTED
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EBUSY):
-            return Outcome.BUSY
+    except OSError:
         return Outcome.REFUSED
+    try:
+        os.write(fd, b"%d" % nice)
+    except OSError as exc:
+        return Outcome.BUSY if exc.errno in (errno.EAGAIN, errno.EBUSY) else Outcome.REFUSED
+    finally:
+        os.close(fd)
     return Outcome.SET
 
 

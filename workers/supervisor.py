@@ -277,7 +277,7 @@ class Supervisor:
         *,
         pool_size: int = 2,
         kill_grace_s: float = 2.0,
-        nice: int = 5,
+        nice: int = 19,
         start_timeout_s: float = 30.0,
         watchdog_poll_s: float = 0.5,
         max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,

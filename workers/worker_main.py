@@ -77,11 +77,6 @@ def main(
         os.set_inheritable(fd, False)
     # stdout belongs to the gateway (its ready line); anything an agent prints goes to stderr instead.
     os.dup2(2, 1)
-    if nice > 0:
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
     keeper.fork_kept(
         gateway_pid=gateway_pid,
         lifeline_fd=read_fd,
@@ -91,7 +86,13 @@ def main(
         poll_s=watchdog_poll_s,
         child_own_group=True,
     )
-    apply_sched(sched)  # the worker proper only: the keeper must stay prompt at ending the session
+    # The worker proper only: the keeper must stay prompt at ending the session.
+    if nice > 0:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    apply_sched(sched)
     priority.nice_autogroup(nice)  # the session's scheduling group too, or its nice ranks it only inside it
     channel = BlockingChannel(read_fd, write_fd)
     try:
