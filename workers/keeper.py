@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from workers import contain, priority
+from workers import contain
 
 END_NOW = signal.SIGUSR1
 _GRACEFUL = (signal.SIGTERM, signal.SIGHUP)
@@ -189,9 +189,6 @@ class _Keeper:
                 return self._end(graceful=False)
 
     def _end(self, *, graceful: bool) -> int | None:
-        # The session's group may be at a high nice (workers/priority.py): end it at the gateway's
-        # priority.  One attempt; the kernel's rate limit may refuse it, and the end goes on regardless.
-        priority.set_autogroup_nice(0)
         if graceful:
             for sig in self._signals:
                 if sig == signal.SIGKILL:
