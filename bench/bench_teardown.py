@@ -29,6 +29,14 @@ _VARIANTS = (
 )
 
 
+async def until_gone(pids: list[int], deadline: float, poll_s: float, what: str) -> None:
+    """Poll until every one of ``pids`` has exited; TimeoutError at ``deadline`` (``perf_counter``)."""
+    while not all_dead(pids):
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{what}: still alive at the deadline: {pids}")
+        await asyncio.sleep(poll_s)
+
+
 async def one_sample(gateway: ServerProcess, agent: str, prompt: str | None) -> tuple[float, int]:
     client = await BenchClient.open(gateway.ws_url())
     created = await client.call("session.create", agent=agent, close_on_disconnect=True)
@@ -39,11 +47,7 @@ async def one_sample(gateway: ServerProcess, agent: str, prompt: str | None) -> 
     members = await asyncio.to_thread(group_members, pgid)
     started = time.perf_counter()
     await client.ws.close()
-    deadline = started + 30
-    while not all_dead(members):
-        if time.perf_counter() > deadline:
-            raise TimeoutError(f"process group {pgid} still alive 30 s after the disconnect: {members}")
-        await asyncio.sleep(0.0005)
+    await until_gone(members, started + 30, 0.0005, f"process group {pgid} after the disconnect")
     elapsed = time.perf_counter() - started
     await client.close()
     return elapsed, len(members)
@@ -67,11 +71,7 @@ async def burst_sample(gateway: ServerProcess, n: int) -> tuple[float, float, fl
         started = time.perf_counter()
         await asyncio.gather(*(c.call("session.close", session_id=s["session_id"]) for c, s in zip(clients, created)))
         answered = time.perf_counter() - started
-        deadline = started + 60
-        while not all_dead(members):
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"processes still alive 60 s after closing {n} sessions")
-            await asyncio.sleep(0.005)
+        await until_gone(members, started + 60, 0.005, f"the processes of {n} sessions closed at once")
         gone = time.perf_counter() - started
         lag = await lag_window(gateway, before)
         return answered, gone, lag.max
