@@ -15,7 +15,9 @@ a daemon thread, with jitter, for a bounded time.  The process's own nice is its
 The keeper shares the group, at task nice 0, so inside the group it outweighs its worker.  It does not
 set the group back to nice 0 to end the session: 64 sessions closed at once then took 4-8 s instead of
 1.5-1.7 s, and stalled the loop for 300-770 ms instead of 30-75 ms (the groups, at full weight, took the
-CPU from the gateway while their keepers scanned ``/proc``).  This is a tuning, not a guarantee: an agent may write 0 back, and a process that calls ``setsid`` gets a
+CPU from the gateway while their keepers scanned ``/proc``).
+
+This is a tuning, not a guarantee: an agent may write 0 back, and a process that calls ``setsid`` gets a
 new group of nice 0.
 """
 
