@@ -454,9 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         graceful_on_child_exit=False,
         poll_s=max(WATCHDOG_FLOOR_S, args.poll),
     )
-    if args.nice > 0:  # the slash worker proper only (see workers/priority.py), not its keeper
-        os.nice(args.nice)
-        priority.nice_autogroup(args.nice)
+    priority.lower(args.nice)  # the slash worker proper only (see workers/priority.py), not its keeper
     registry = build_registry()
     # Announce readiness so the gateway's per-command timeout never counts this interpreter's start-up.
     _write_all(frames_fd, control_frame("ready", {"pid": os.getpid()}))

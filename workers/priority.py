@@ -10,7 +10,9 @@ nice (``/proc/self/autogroup``).
 
 The kernel takes one autogroup change per 100 ms, machine-wide, from a process without ``CAP_SYS_ADMIN``
 (``EAGAIN`` otherwise), so a burst of session starts is refused at first: a refused change is retried from
-a daemon thread, with jitter, for a bounded time.  The process's own nice is its caller's (``os.nice``).
+a daemon thread, with jitter, for a bounded time.  :func:`lower` does both, the process's nice and its
+group's, for a session's worker proper (agent or slash); a terminal's preexec can start no thread and
+makes one :func:`set_autogroup_nice` attempt.
 
 The keeper shares the group, at task nice 0, so inside the group it outweighs its worker.  It does not
 set the group back to nice 0 to end the session: 64 sessions closed at once then took 4-8 s instead of
@@ -60,6 +62,18 @@ def set_autogroup_nice(nice: int, path: str = AUTOGROUP) -> Outcome:
     finally:
         os.close(fd)
     return Outcome.SET
+
+
+def lower(nice: int) -> threading.Thread | None:
+    """This process's nice up by ``nice`` and its session's autogroup to ``nice`` (0 or less: neither);
+    returns :func:`nice_autogroup`'s retry thread, if one was needed."""
+    if nice <= 0:
+        return None
+    try:
+        os.nice(nice)
+    except OSError:
+        pass
+    return nice_autogroup(nice)
 
 
 def nice_autogroup(

@@ -86,14 +86,10 @@ def main(
         poll_s=watchdog_poll_s,
         child_own_group=True,
     )
-    # The worker proper only: the keeper must stay prompt at ending the session.
-    if nice > 0:
-        try:
-            os.nice(nice)
-        except OSError:
-            pass
+    # The worker proper only: the keeper must stay prompt at ending the session.  The nice goes to the
+    # session's scheduling group too, or it ranks the worker only inside that group (workers/priority.py).
+    priority.lower(nice)
     apply_sched(sched)
-    priority.nice_autogroup(nice)  # the session's scheduling group too, or its nice ranks it only inside it
     channel = BlockingChannel(read_fd, write_fd)
     try:
         _serve(channel)
