@@ -252,10 +252,18 @@ class Config:
     worker_nice: int = knob(
         int,
         19,
-        "nice of worker processes and of their sessions' scheduling groups (Linux autogroups): keeps the "
-        "relay first on a CPU that many sessions keep busy",
+        "nice of worker processes, and of their sessions' scheduling groups (Linux autogroups) when idle "
+        "or many run a turn: keeps the relay first on a CPU that many sessions keep busy",
         0,
         19,
+    )
+    worker_cpu_share: float = knob(
+        float,
+        1.0,
+        "CPU weight of the local sessions running a turn, together, in nice-0 groups (the gateway's): "
+        "their groups' nice follows their number, one alone at 0, 64 at 19 (0 = all at worker_nice)",
+        0,
+        64,
     )
     worker_start_timeout_s: float = knob(float, 30.0, "seconds a worker may take to load its agent", 1, 600)
     watchdog_poll_s: float = knob(float, 0.5, "parent-death poll period of workers (floor 0.05 s)", 0.05, 2.0)

@@ -208,10 +208,12 @@ def spawn_worker(
     kill_grace_s: float,
     pipe_bytes: int = 0,
     sched: str = "normal",
+    group_nice: bool = True,
 ) -> SpawnedWorker:
     """Start one idle worker (blocking, a few ms).  ``pipe_bytes``: the size to give the pipe its frames
     come on (0: the kernel's default; see :func:`worker_pipe_size`); ``sched``: its CPU scheduling policy
-    (``worker_main.SCHED_POLICIES``)."""
+    (``worker_main.SCHED_POLICIES``); ``group_nice``: whether the worker gives its session's scheduling
+    group the nice too (False: the caller does, ``workers/group_nicer.py``)."""
     to_worker_r, to_worker_w = os.pipe()
     from_worker_r, from_worker_w = os.pipe()
     widen_pipe(from_worker_r, pipe_bytes)
@@ -226,6 +228,7 @@ def spawn_worker(
                 watchdog_poll_s,
                 kill_grace_s,
                 sched,
+                group_nice,
             ),
             name="agent-worker",
         )

@@ -11,8 +11,9 @@ nice (``/proc/self/autogroup``).
 The kernel takes one autogroup change per 100 ms, machine-wide, from a process without ``CAP_SYS_ADMIN``
 (``EAGAIN`` otherwise), so a burst of session starts is refused at first: a refused change is retried from
 a daemon thread, with jitter, for a bounded time.  :func:`lower` does both, the process's nice and its
-group's, for a session's worker proper (agent or slash); a terminal's preexec can start no thread and
-makes one :func:`set_autogroup_nice` attempt.
+group's, for a slash worker proper; a terminal's preexec can start no thread and makes one
+:func:`set_autogroup_nice` attempt.  A local agent worker's group is the supervisor's to set instead
+(``workers/group_nicer.py``): its nice follows how many sessions run a turn (``workers/cpu_weight.py``).
 
 The keeper shares the group, at task nice 0, so inside the group it outweighs its worker.  It does not
 set the group back to nice 0 to end the session: 64 sessions closed at once then took 4-8 s instead of
@@ -49,31 +50,44 @@ class Outcome(Enum):
 
 def set_autogroup_nice(nice: int, path: str = AUTOGROUP) -> Outcome:
     """One attempt to give the autogroup at ``path`` the nice ``nice``."""
-    try:  # one write(2), unbuffered, so that its errno is the kernel's answer
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        fd = open_autogroup(path)
     except FileNotFoundError:
         return Outcome.UNSUPPORTED
     except OSError:
         return Outcome.REFUSED
     try:
+        return write_autogroup_nice(fd, nice)
+    finally:
+        os.close(fd)
+
+
+def open_autogroup(path: str) -> int:
+    """An fd for :func:`write_autogroup_nice`.  One of ``/proc/<pid>/autogroup`` stays bound to that
+    process: once it has exited, writes fail (``ESRCH``), whichever process reuses its pid."""
+    return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+
+
+def write_autogroup_nice(fd: int, nice: int) -> Outcome:
+    """One attempt, one write(2), unbuffered, so that its errno is the kernel's answer."""
+    try:
         os.write(fd, b"%d" % nice)
     except OSError as exc:
         return Outcome.BUSY if exc.errno in (errno.EAGAIN, errno.EBUSY) else Outcome.REFUSED
-    finally:
-        os.close(fd)
     return Outcome.SET
 
 
-def lower(nice: int) -> threading.Thread | None:
-    """This process's nice up by ``nice`` and its session's autogroup to ``nice`` (0 or less: neither);
-    returns :func:`nice_autogroup`'s retry thread, if one was needed."""
+def lower(nice: int, *, group: bool = True) -> threading.Thread | None:
+    """This process's nice up by ``nice`` and, with ``group``, its session's autogroup to ``nice`` (0 or
+    less: neither); returns :func:`nice_autogroup`'s retry thread, if one was needed.  ``group=False`` is
+    for a worker whose supervisor sets its group's nice (``workers/group_nicer.py``)."""
     if nice <= 0:
         return None
     try:
         os.nice(nice)
     except OSError:
         pass
-    return nice_autogroup(nice)
+    return nice_autogroup(nice) if group else None
 
 
 def nice_autogroup(

@@ -37,6 +37,7 @@ from workers.channel import (
     open_frame_reader,
     open_frame_writer,
 )
+from workers.group_nicer import GroupNicer
 from workers.ops import Op
 from workers.process import KeptProcess, describe_exit
 
@@ -122,6 +123,7 @@ class WorkerHandle:
         *,
         kill_grace_s: float,
         on_exit: Callable[[WorkerHandle], None],
+        on_turn: Callable[[WorkerHandle, bool], None] | None = None,
     ) -> None:
         self.pid = spawned.pid  # the worker proper, also its process group id
         self.agent = ""
@@ -130,6 +132,7 @@ class WorkerHandle:
         self._writer = writer
         self._kill_grace_s = kill_grace_s
         self._on_exit = on_exit
+        self._on_turn = on_turn
         self._loop = asyncio.get_running_loop()
         self._exited: asyncio.Future[ExitStatus] = self._loop.create_future()
         self._stopping: asyncio.Task[ExitStatus] | None = None
@@ -163,6 +166,12 @@ class WorkerHandle:
     def send_encoded(self, op: str, body: bytes) -> None:
         """:meth:`send` with a body that is already encoded (sent as it is)."""
         self._write(encode_frame(Kind.CONTROL, op, body))
+
+    def turn_running(self, running: bool) -> None:
+        """The gateway's word that a turn started (True) or ended (False): the supervisor weighs the
+        session's CPU share by it (``workers/cpu_weight.py``)."""
+        if self._on_turn is not None:
+            self._on_turn(self, running)
 
     def _write(self, frame: bytes) -> None:
         if not self._exited.done() and not self._writer.closed:
@@ -286,6 +295,7 @@ class Supervisor:
         max_sessions: int = 64,
         sched: str = "normal",
         read_budget_bytes: int | None = None,
+        cpu_share: float = 1.0,
     ) -> None:
         if pool_size < 0 or kill_grace_s <= 0 or start_timeout_s <= 0 or watchdog_poll_s <= 0:
             raise ValueError("pool_size must be >= 0 and the durations positive")
@@ -300,6 +310,8 @@ class Supervisor:
         self._pipe_bytes = launch.worker_pipe_size(pipe_bytes, max_sessions + pool_size)
         self._sched = sched
         self._read_budget_bytes = read_budget_bytes
+        #: Each session's scheduling-group nice, set from here: it follows how many run a turn.
+        self._group_nicer = GroupNicer(cpu_share, nice)
         #: Literal secrets every worker's scrubber redacts (the gateway's token): sent over the init pipe,
         #: never through the environment or argv, where other processes could read them.
         self._scrub_secrets = list(scrub_secrets)
@@ -328,6 +340,7 @@ class Supervisor:
             max_sessions=getattr(config, "max_sessions", 64),
             sched=getattr(config, "worker_sched", "normal"),
             read_budget_bytes=getattr(config, "relay_read_budget_bytes", None),
+            cpu_share=getattr(config, "worker_cpu_share", 1.0),
         )
 
     @property
@@ -442,6 +455,7 @@ class Supervisor:
         await asyncio.gather(*self._spawning, return_exceptions=True)
         self._pool.clear()
         await asyncio.gather(*(w.stop() for w in list(self._workers)), return_exceptions=True)
+        self._group_nicer.close()
         if not self._holds_forkserver:
             return
         self._holds_forkserver = False
@@ -491,6 +505,7 @@ class Supervisor:
                 kill_grace_s=self._kill_grace_s,
                 pipe_bytes=self._pipe_bytes,
                 sched=self._sched,
+                group_nice=not self._group_nicer.enabled,
             )
         )
         self._spawning.add(future)
@@ -513,8 +528,17 @@ class Supervisor:
             reader.close()
             launch.abandon(spawned, closed=(spawned.read_fd, spawned.write_fd))
             raise
-        handle = WorkerHandle(spawned, reader, writer, kill_grace_s=self._kill_grace_s, on_exit=self._on_exit)
+        handle = WorkerHandle(
+            spawned,
+            reader,
+            writer,
+            kill_grace_s=self._kill_grace_s,
+            on_exit=self._on_exit,
+            on_turn=self._group_nicer.set_busy,
+        )
         self._workers.add(handle)
+        if spawned.pid != spawned.keeper_pid:  # else the keeper never forked: it may not lead a session yet
+            self._group_nicer.add(handle, spawned.keeper_pid)
         if self._state is _State.CLOSED:
             await asyncio.shield(handle.stop())
             raise WorkerStartError("the worker supervisor was closed")
@@ -540,6 +564,7 @@ class Supervisor:
 
     def _on_exit(self, handle: WorkerHandle) -> None:
         self._workers.discard(handle)
+        self._group_nicer.remove(handle)
         if handle in self._pool:
             self._pool.remove(handle)
             if handle._stopping is None and self._state is _State.RUNNING:

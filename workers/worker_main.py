@@ -69,9 +69,11 @@ def main(
     watchdog_poll_s: float,
     kill_grace_s: float = 2.0,
     sched: str = "normal",
+    group_nice: bool = True,
 ) -> None:
     """Entry point in the forked worker.  ``read_fd``/``write_fd`` are this side's pipe ends.  This process
-    becomes the session's keeper (``workers/keeper.py``); the agent runs in its child."""
+    becomes the session's keeper (``workers/keeper.py``); the agent runs in its child.  ``group_nice``
+    False: the supervisor sets the session's scheduling-group nice, this process only its own."""
     os.setsid()
     for fd in (read_fd, write_fd):  # fds received over SCM_RIGHTS are inheritable: keep them from commands
         os.set_inheritable(fd, False)
@@ -86,9 +88,10 @@ def main(
         poll_s=watchdog_poll_s,
         child_own_group=True,
     )
-    # The worker proper only: the keeper must stay prompt at ending the session.  The nice goes to the
-    # session's scheduling group too, or it ranks the worker only inside that group (workers/priority.py).
-    priority.lower(nice)
+    # The worker proper only: the keeper must stay prompt at ending the session.  The session's scheduling
+    # group needs a nice too, or this one ranks the worker only inside that group (workers/priority.py);
+    # the local supervisor sets it itself, by how many sessions run a turn (workers/group_nicer.py).
+    priority.lower(nice, group=group_nice)
     apply_sched(sched)
     channel = BlockingChannel(read_fd, write_fd)
     try:

@@ -871,6 +871,7 @@ class SessionRegistry:
         session.turn_ended[prompt.turn_id] = asyncio.get_running_loop().create_future()
         session.touch()
         worker.send(Op.PROMPT, {"turn_id": prompt.turn_id, "text": prompt.text})
+        worker.turn_running(True)
         return prompt.turn_id
 
     def _turn_finished(self, session: Session) -> None:
@@ -879,10 +880,13 @@ class SessionRegistry:
             future = session.turn_ended.pop(turn_id, None)
             if future is not None and not future.done():
                 future.set_result(turn_id)
-        if session.live:
-            self._next_prompt(session)
-            if session.owner is None and not session.turns.busy:
-                self._schedule_reap(session)
+        worker = session.slot.worker
+        if session.live and self._next_prompt(session) is not None:
+            return  # the next turn runs on (its session keeps its CPU share)
+        if worker is not None:
+            worker.turn_running(False)
+        if session.live and session.owner is None and not session.turns.busy:
+            self._schedule_reap(session)
 
     async def interrupt(self, session_id: str) -> dict[str, Any]:
         session = self.get(session_id)

@@ -43,6 +43,37 @@ async def test_an_agent_workers_session_gets_the_workers_nice(supervisor: Superv
         await handle.stop()
 
 
+async def test_a_session_running_a_turn_alone_gets_its_full_weight_back(supervisor: Supervisor) -> None:  # noqa: F811
+    """One busy session weighs one nice-0 group (the gateway's) and goes back to 19 when its turn ends."""
+    handle = await supervisor.acquire("echo", {}, None, "s1")
+    try:
+        await wait_until(lambda: autogroup_nice(handle.pid) == 19, 20, "the idle worker's autogroup at 19")
+        handle.turn_running(True)
+        await wait_until(lambda: autogroup_nice(handle.pid) == 0, 20, "the busy worker's autogroup at 0")
+        assert os.getpriority(os.PRIO_PROCESS, handle.pid) == 19  # the worker proper's own nice is kept
+        handle.turn_running(False)
+        await wait_until(lambda: autogroup_nice(handle.pid) == 19, 20, "the idle worker's autogroup at 19 again")
+    finally:
+        await handle.stop()
+
+
+async def test_busy_sessions_share_one_weight_whatever_their_number() -> None:
+    """8 busy sessions at nice 10 (8 x 110 <= 1024), then the 2 still busy at 4, the idle ones at 19."""
+    sup = Supervisor(pool_size=0, kill_grace_s=0.5, start_timeout_s=20, watchdog_poll_s=0.1)
+    await sup.start()
+    try:
+        handles = [await sup.acquire("echo", {}, None, f"s{i}") for i in range(8)]
+        nices = lambda: [autogroup_nice(h.pid) for h in handles]  # noqa: E731
+        for handle in handles:
+            handle.turn_running(True)
+        await wait_until(lambda: nices() == [10] * 8, 20, "8 busy autogroups at nice 10")
+        for handle in handles[2:]:
+            handle.turn_running(False)
+        await wait_until(lambda: nices() == [4] * 2 + [19] * 6, 20, "2 busy at 4, 6 idle at 19")
+    finally:
+        await sup.close()
+
+
 async def test_a_slash_workers_session_gets_its_nice(tmp_path: Path) -> None:
     worker = await start_slash_worker(cwd=str(tmp_path), gateway_pid=os.getpid(), poll_s=0.05, nice=3,
                                       kill_grace_s=0.5)

@@ -41,6 +41,11 @@ class Worker(Protocol):
         """Queue a control frame without blocking."""
         ...
 
+    def turn_running(self, running: bool) -> None:
+        """The gateway's word that a turn started (True) or ended (False) in this worker's session: the
+        local backend gives a busy session's scheduling group its CPU share by it (``workers/cpu_weight.py``)."""
+        ...
+
     def frames(self) -> AsyncIterator[Frame]:
         """The worker's frames in order, until EOF; not pulling is backpressure."""
         ...

@@ -108,6 +108,10 @@ class RayWorker:
             return
         self._host.actor.send.remote(self.worker_id, str(op), body)  # ordered per caller; result unused
 
+    def turn_running(self, running: bool) -> None:
+        """Not passed on: a Ray node's supervisor keeps its sessions' groups at ``worker_nice`` (its own
+        nodes' loads are not the gateway's to weigh)."""
+
     def frames(self) -> Any:
         """The worker's frames one by one (the same stream as :meth:`frame_batches`: use one of them)."""
         if self._frames is None:

@@ -1,0 +1,97 @@
+"""The local supervisor's writer of its sessions' scheduling-group nices, on the gateway's loop; what to
+write is :class:`~workers.cpu_weight.GroupNices`' plan.
+
+A write is one write(2) to the session keeper's ``/proc/<pid>/autogroup``, through an fd opened when the
+worker was spawned: it stays bound to that process, so a write after its exit fails instead of reaching
+whichever process reuses the pid.  Without ``CAP_SYS_ADMIN`` the kernel takes one change per 100 ms,
+machine-wide, and answers ``EAGAIN`` to the rest: the writer then waits (jittered, as the workers'
+own retries in ``workers/priority.py``) and goes on in the plan's order, where a change that takes weight
+away comes first.  A group the kernel will not change (its process is gone, or not ours) is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Callable, Hashable
+
+from workers import priority
+from workers.cpu_weight import GroupNices
+
+logger = logging.getLogger("worker_gateway.workers")
+
+
+class GroupNicer:
+    """Tracks the groups of the workers it is given (:meth:`add`), keyed by their handles."""
+
+    def __init__(
+        self,
+        share: float,
+        ceiling: int,
+        *,
+        write: Callable[[int, int], priority.Outcome] = priority.write_autogroup_nice,
+        retry_s: tuple[float, float] = priority.RETRY_S,
+    ) -> None:
+        self._nices: GroupNices[Hashable] = GroupNices(share, ceiling)
+        self._fds: dict[Hashable, int] = {}
+        self._write = write
+        self._retry_s = retry_s
+        self._retry: asyncio.TimerHandle | None = None
+        #: Without autogroups (not Linux, or a kernel without them) there is nothing to write.
+        self.enabled = ceiling > 0 and os.path.exists(priority.AUTOGROUP)
+
+    @property
+    def busy(self) -> int:
+        return self._nices.busy
+
+    def add(self, key: Hashable, keeper_pid: int) -> bool:
+        """Start tracking the group that ``keeper_pid`` leads (a fresh session: nice 0); False when it
+        cannot be (disabled, or the process is gone)."""
+        if not self.enabled:
+            return False
+        try:
+            self._fds[key] = priority.open_autogroup(f"/proc/{keeper_pid}/autogroup")
+        except OSError:
+            return False
+        self._nices.add(key)
+        self._apply()
+        return True
+
+    def remove(self, key: Hashable) -> None:
+        self._nices.remove(key)
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def set_busy(self, key: Hashable, busy: bool) -> None:
+        """A turn started (True) or ended (False) in ``key``'s session."""
+        if key in self._fds:
+            self._nices.set_busy(key, busy)
+            self._apply()
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for key in list(self._fds):
+            self.remove(key)
+
+    def _apply(self) -> None:
+        if self._retry is not None:
+            return  # a retry is due: it writes the plan as it is then
+        for key, nice in self._nices.plan():
+            outcome = self._write(self._fds[key], nice)
+            if outcome is priority.Outcome.SET:
+                self._nices.applied(key, nice)
+            elif outcome is priority.Outcome.BUSY:
+                self._retry = asyncio.get_running_loop().call_later(random.uniform(*self._retry_s), self._retried)
+                return
+            else:
+                logger.debug("scheduling group of %r not changed (%s): no longer tracked", key, outcome.value)
+                self.remove(key)
+
+    def _retried(self) -> None:
+        self._retry = None
+        self._apply()
