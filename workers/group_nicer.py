@@ -38,7 +38,9 @@ class GroupNicer:
         self._fds: dict[Hashable, int] = {}
         self._write = write
         self._retry_s = retry_s
-        self._retry: asyncio.TimerHandle | None = None
+        #: The next pass over the plan: soon after a change (one pass for a burst of turn starts, which
+        #: come in one loop iteration), or after a rate-limit refusal.
+        self._due: asyncio.Handle | None = None
         #: Without autogroups (not Linux, or a kernel without them) there is nothing to write.
         self.enabled = ceiling > 0 and os.path.exists(priority.AUTOGROUP)
 
@@ -56,7 +58,7 @@ class GroupNicer:
         except OSError:
             return False
         self._nices.add(key)
-        self._apply()
+        self._wanted()
         return True
 
     def remove(self, key: Hashable) -> None:
@@ -69,29 +71,28 @@ class GroupNicer:
         """A turn started (True) or ended (False) in ``key``'s session."""
         if key in self._fds:
             self._nices.set_busy(key, busy)
-            self._apply()
+            self._wanted()
 
     def close(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
         for key in list(self._fds):
             self.remove(key)
 
+    def _wanted(self) -> None:
+        if self._due is None:  # else a pass is due: it writes the plan as it is then
+            self._due = asyncio.get_running_loop().call_soon(self._apply)
+
     def _apply(self) -> None:
-        if self._retry is not None:
-            return  # a retry is due: it writes the plan as it is then
+        self._due = None
         for key, nice in self._nices.plan():
             outcome = self._write(self._fds[key], nice)
             if outcome is priority.Outcome.SET:
                 self._nices.applied(key, nice)
             elif outcome is priority.Outcome.BUSY:
-                self._retry = asyncio.get_running_loop().call_later(random.uniform(*self._retry_s), self._retried)
+                self._due = asyncio.get_running_loop().call_later(random.uniform(*self._retry_s), self._apply)
                 return
             else:
                 logger.debug("scheduling group of %r not changed (%s): no longer tracked", key, outcome.value)
                 self.remove(key)
-
-    def _retried(self) -> None:
-        self._retry = None
-        self._apply()
