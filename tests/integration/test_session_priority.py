@@ -1,12 +1,14 @@
 """Every session the gateway starts gets its nice on its autogroup too (workers/priority.py), for real:
 an agent worker, a slash worker, a terminal, and sessions of an unprivileged user under the kernel's
-rate limit."""
+rate limit; and an agent session's group weighs by how many run a turn (workers/cpu_weight.py), set by
+the supervisor, under that rate limit too."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pty_bridge import PtyProcess
+from support import ROOT
 from worker_helpers import supervisor, wait_until  # noqa: F401  (supervisor is a fixture)
 from workers import priority
 from workers.slash_process import start_slash_worker
@@ -143,3 +146,53 @@ def test_sessions_started_together_by_an_unprivileged_user_all_get_their_nice() 
                 proc.kill()
             proc.communicate()
         shutil.rmtree(here, ignore_errors=True)
+
+
+RATE_LIMITED_SUPERVISOR = """
+import asyncio, sys
+from pathlib import Path
+from workers import priority
+from workers.supervisor import Supervisor
+
+def nice(pid):
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+
+async def main():
+    sup = Supervisor(pool_size=0, kill_grace_s=0.5, start_timeout_s=20, watchdog_poll_s=0.1)
+    nicer = sup._group_nicer
+    refused = []
+    def write(fd, value, real=nicer._write):
+        outcome = real(fd, value)
+        if outcome is priority.Outcome.BUSY:
+            refused.append(value)
+        return outcome
+    nicer._write = write
+    await sup.start()
+    try:
+        handles = [await sup.acquire("echo", {}, None, f"s{i}") for i in range(6)]
+        for handle in handles:
+            handle.turn_running(True)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30  # about 12 changes at one per 100 ms, with jittered retries
+        while [nice(h.pid) for h in handles] != [9] * 6 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        print(*[nice(h.pid) for h in handles], len(refused), flush=True)
+    finally:
+        await sup.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None, reason="needs root and setpriv to drop CAP_SYS_ADMIN")
+def test_the_supervisor_sets_every_busy_group_under_the_kernels_rate_limit() -> None:
+    """Without CAP_SYS_ADMIN (dropped from the bounding set) the supervisor's own writes meet the rate
+    limit: 6 sessions started and made busy at once still all end at their nice, 9 (6 x 137 <= 1024)."""
+    argv = [SETPRIV, "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--", sys.executable, "-c",
+            RATE_LIMITED_SUPERVISOR]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    *nices, refused = proc.stdout.split()
+    assert nices == ["9"] * 6, proc.stdout
+    assert int(refused) >= 1, proc.stdout  # the limit was met, and outlasted
