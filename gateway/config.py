@@ -259,11 +259,19 @@ class Config:
     )
     worker_cpu_share: float = knob(
         float,
-        1.0,
-        "CPU weight of the local sessions running a turn, together, in nice-0 groups (the gateway's): "
-        "their groups' nice follows their number, one alone at 0, 64 at 19 (0 = all at worker_nice)",
+        0.25,
+        "CPU weight of the local workers running a turn, together, against the gateway's (1 = the same): "
+        "the weight of their cgroup, or else the nice of their sessions' autogroups follows their number, "
+        "one alone at 7, 16 and more at 19 (0 = autogroups all at worker_nice, a cgroup's least weight)",
         0,
         64,
+    )
+    worker_cpu_cgroup: str = knob(
+        str,
+        "auto",
+        "auto: run the local workers in one CPU cgroup of worker_cpu_share where the gateway can make one "
+        "(root or a delegated cpu controller), else weigh their sessions' autogroups; off: autogroups",
+        choices=("auto", "off"),
     )
     worker_start_timeout_s: float = knob(float, 30.0, "seconds a worker may take to load its agent", 1, 600)
     watchdog_poll_s: float = knob(float, 0.5, "parent-death poll period of workers (floor 0.05 s)", 0.05, 2.0)

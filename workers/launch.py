@@ -108,6 +108,13 @@ def acquire_forkserver() -> None:
         _users += 1
 
 
+def forkserver_pid() -> int | None:
+    """The running forkserver's pid (every worker is its child), if one runs."""
+    server = forkserver._forkserver
+    with server._lock:
+        return server._forkserver_pid
+
+
 def release_forkserver() -> int | None:
     """Count one user less; when none is left, ask the forkserver to exit and return its pid so the caller
     can await and reap it (it exits once its last worker is gone)."""

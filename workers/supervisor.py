@@ -37,6 +37,7 @@ from workers.channel import (
     open_frame_reader,
     open_frame_writer,
 )
+from workers.cpu_cgroup import WorkerCgroup
 from workers.group_nicer import GroupNicer
 from workers.ops import Op
 from workers.process import KeptProcess, describe_exit
@@ -272,6 +273,10 @@ class WorkerHandle:
         self._on_exit(self)
 
 
+#: Config ``worker_cpu_cgroup``: "auto" puts the workers in one CPU cgroup where the gateway may make one.
+CPU_CGROUP_MODES = ("auto", "off")
+
+
 class _State(enum.Enum):
     NEW = "new"
     RUNNING = "running"
@@ -295,10 +300,13 @@ class Supervisor:
         max_sessions: int = 64,
         sched: str = "normal",
         read_budget_bytes: int | None = None,
-        cpu_share: float = 1.0,
+        cpu_share: float = 0.25,
+        cpu_cgroup: str = "off",
     ) -> None:
         if pool_size < 0 or kill_grace_s <= 0 or start_timeout_s <= 0 or watchdog_poll_s <= 0:
             raise ValueError("pool_size must be >= 0 and the durations positive")
+        if cpu_cgroup not in CPU_CGROUP_MODES:
+            raise ValueError(f"cpu_cgroup must be one of {', '.join(CPU_CGROUP_MODES)}, not {cpu_cgroup!r}")
         self._pool_size = pool_size
         self._kill_grace_s = kill_grace_s
         self._nice = nice
@@ -310,7 +318,12 @@ class Supervisor:
         self._pipe_bytes = launch.worker_pipe_size(pipe_bytes, max_sessions + pool_size)
         self._sched = sched
         self._read_budget_bytes = read_budget_bytes
-        #: Each session's scheduling-group nice, set from here: it follows how many run a turn.
+        #: All workers in one CPU cgroup of ``cpu_share`` times the gateway's weight (``workers/cpu_cgroup.py``)
+        #: when ``cpu_cgroup`` is "auto" and one can be made; else each session's scheduling-group nice, set
+        #: from here, follows how many run a turn.
+        self._cpu_share = cpu_share
+        self._cpu_cgroup_mode = cpu_cgroup
+        self.cpu_cgroup: WorkerCgroup | None = None
         self._group_nicer = GroupNicer(cpu_share, nice)
         #: Literal secrets every worker's scrubber redacts (the gateway's token): sent over the init pipe,
         #: never through the environment or argv, where other processes could read them.
@@ -340,7 +353,8 @@ class Supervisor:
             max_sessions=getattr(config, "max_sessions", 64),
             sched=getattr(config, "worker_sched", "normal"),
             read_budget_bytes=getattr(config, "relay_read_budget_bytes", None),
-            cpu_share=getattr(config, "worker_cpu_share", 1.0),
+            cpu_share=getattr(config, "worker_cpu_share", 0.25),
+            cpu_cgroup=getattr(config, "worker_cpu_cgroup", "off"),
         )
 
     @property
@@ -366,6 +380,10 @@ class Supervisor:
         self._gateway_pid = os.getpid()
         await asyncio.to_thread(launch.acquire_forkserver)
         self._holds_forkserver = True
+        if self._cpu_cgroup_mode == "auto":
+            self.cpu_cgroup = await asyncio.to_thread(self._enter_cpu_cgroup)
+            if self.cpu_cgroup is not None:
+                self._group_nicer.enabled = False  # autogroups do not apply inside a cgroup
         self._state = _State.RUNNING
         self._entry_points = await asyncio.to_thread(registry.entry_point_names)
         self._refill_wanted = asyncio.Event()
@@ -462,8 +480,19 @@ class Supervisor:
         pid = await asyncio.to_thread(launch.release_forkserver)
         if pid is not None and not await launch.await_exit(pid, _FORKSERVER_EXIT_S):
             logger.warning("forkserver %d still running %.0f s after close (other users?)", pid, _FORKSERVER_EXIT_S)
+        if self.cpu_cgroup is not None:
+            self.cpu_cgroup.remove()
 
     # -- internals --------------------------------------------------------------------------------------
+
+    def _enter_cpu_cgroup(self) -> WorkerCgroup | None:
+        """The workers' cgroup, with the forkserver in it (so every worker is born there), or None."""
+        cgroup = WorkerCgroup.create(self._cpu_share)
+        pid = launch.forkserver_pid()
+        if cgroup is not None and (pid is None or not cgroup.enter(pid)):
+            cgroup.remove()
+            return None
+        return cgroup
 
     async def _check_agent(self, agent: str) -> None:
         try:
@@ -505,7 +534,7 @@ class Supervisor:
                 kill_grace_s=self._kill_grace_s,
                 pipe_bytes=self._pipe_bytes,
                 sched=self._sched,
-                group_nice=not self._group_nicer.enabled,
+                group_nice=self.cpu_cgroup is None and not self._group_nicer.enabled,
             )
         )
         self._spawning.add(future)

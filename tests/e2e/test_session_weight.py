@@ -23,8 +23,9 @@ def autogroup_nice(pid: int) -> int | None:
         return None
 
 
-async def test_running_turns_share_the_weight_and_idle_sessions_drop_to_worker_nice(rpc_connect) -> None:
-    async with rpc_connect() as client:
+async def test_running_turns_share_the_weight_and_idle_sessions_drop_to_worker_nice(gateway_factory) -> None:
+    gw = gateway_factory("--worker-cpu-cgroup", "off")
+    async with RpcClient.connect(gw.url()) as client:
         first = await client.call("session.create", agent="shell")
         second = await client.call("session.create", agent="shell")
         pids = [first["worker_pid"], second["worker_pid"]]
@@ -32,13 +33,13 @@ async def test_running_turns_share_the_weight_and_idle_sessions_drop_to_worker_n
         await async_wait_for(lambda: nices() == [19, 19], 20, what="idle sessions at nice 19")
 
         await client.call("prompt.submit", session_id=first["session_id"], text="sleep 60")
-        await async_wait_for(lambda: nices() == [0, 19], 20, what="one turn alone at nice 0")
+        await async_wait_for(lambda: nices() == [7, 19], 20, what="one turn alone at nice 7")
         await client.call("prompt.submit", session_id=second["session_id"], text="sleep 60")
-        await async_wait_for(lambda: nices() == [4, 4], 20, what="two turns at nice 4 each")
+        await async_wait_for(lambda: nices() == [10, 10], 20, what="two turns at nice 10 each")
 
         interrupted = await client.call("session.interrupt", session_id=first["session_id"])
         assert interrupted["status"] == "interrupted"
-        await async_wait_for(lambda: nices() == [19, 0], 20, what="the turn left alone back at 0")
+        await async_wait_for(lambda: nices() == [19, 7], 20, what="the turn left alone back at 7")
         await client.call("session.interrupt", session_id=second["session_id"])
         await async_wait_for(lambda: nices() == [19, 19], 20, what="no turn: both at 19")
         for created in (first, second):
@@ -46,7 +47,7 @@ async def test_running_turns_share_the_weight_and_idle_sessions_drop_to_worker_n
 
 
 async def test_share_zero_keeps_every_session_at_worker_nice(gateway_factory) -> None:
-    gw = gateway_factory("--worker-cpu-share", "0", "--worker-nice", "7")
+    gw = gateway_factory("--worker-cpu-share", "0", "--worker-nice", "7", "--worker-cpu-cgroup", "off")
     async with RpcClient.connect(gw.url()) as client:
         created = await client.call("session.create", agent="shell")
         pid = created["worker_pid"]
@@ -54,3 +55,28 @@ async def test_share_zero_keeps_every_session_at_worker_nice(gateway_factory) ->
         await client.wait_event(created["session_id"], "turn.start")
         await async_wait_for(lambda: autogroup_nice(pid) == 7, 20, what="the running turn at nice 7")
         await client.call("session.close", session_id=created["session_id"])
+
+
+def cpu_cgroup_of(pid: int) -> Path | None:
+    from workers.cpu_cgroup import find_cpu_hierarchy
+
+    try:
+        found = find_cpu_hierarchy(Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return found.path if found is not None else None
+
+
+async def test_by_default_workers_run_in_the_gateways_worker_cgroup_which_goes_with_it(gateway_factory) -> None:
+    here = cpu_cgroup_of(os.getpid())
+    if here is None or not os.access(here, os.W_OK):
+        pytest.skip("no cpu cgroup hierarchy this process may write to")
+    gw = gateway_factory()
+    async with RpcClient.connect(gw.url()) as client:
+        created = await client.call("session.create", agent="shell")
+        cgroup = cpu_cgroup_of(created["worker_pid"])
+        assert cgroup is not None and cgroup.parent == cpu_cgroup_of(gw.pid)
+        assert cgroup.name.startswith(f"worker-gateway-{gw.pid}.")
+        await client.call("session.close", session_id=created["session_id"])
+    assert gw.stop() == 0
+    assert not cgroup.exists()

@@ -47,12 +47,13 @@ async def test_an_agent_workers_session_gets_the_workers_nice(supervisor: Superv
 
 
 async def test_a_session_running_a_turn_alone_gets_its_full_weight_back(supervisor: Supervisor) -> None:  # noqa: F811
-    """One busy session weighs one nice-0 group (the gateway's) and goes back to 19 when its turn ends."""
+    """One busy session weighs a quarter of a nice-0 group (the gateway's), nice 7 (215 <= 256), and goes back
+    to 19 when its turn ends."""
     handle = await supervisor.acquire("echo", {}, None, "s1")
     try:
         await wait_until(lambda: autogroup_nice(handle.pid) == 19, 20, "the idle worker's autogroup at 19")
         handle.turn_running(True)
-        await wait_until(lambda: autogroup_nice(handle.pid) == 0, 20, "the busy worker's autogroup at 0")
+        await wait_until(lambda: autogroup_nice(handle.pid) == 7, 20, "the busy worker's autogroup at 7")
         assert os.getpriority(os.PRIO_PROCESS, handle.pid) == 19  # the worker proper's own nice is kept
         handle.turn_running(False)
         await wait_until(lambda: autogroup_nice(handle.pid) == 19, 20, "the idle worker's autogroup at 19 again")
@@ -61,7 +62,7 @@ async def test_a_session_running_a_turn_alone_gets_its_full_weight_back(supervis
 
 
 async def test_busy_sessions_share_one_weight_whatever_their_number() -> None:
-    """8 busy sessions at nice 10 (8 x 110 <= 1024), then the 2 still busy at 4, the idle ones at 19."""
+    """8 busy sessions at nice 16 (8 x 29 <= 256), then the 2 still busy at 10, the idle ones at 19."""
     sup = Supervisor(pool_size=0, kill_grace_s=0.5, start_timeout_s=20, watchdog_poll_s=0.1)
     await sup.start()
     try:
@@ -69,10 +70,10 @@ async def test_busy_sessions_share_one_weight_whatever_their_number() -> None:
         nices = lambda: [autogroup_nice(h.pid) for h in handles]  # noqa: E731
         for handle in handles:
             handle.turn_running(True)
-        await wait_until(lambda: nices() == [10] * 8, 20, "8 busy autogroups at nice 10")
+        await wait_until(lambda: nices() == [16] * 8, 20, "8 busy autogroups at nice 16")
         for handle in handles[2:]:
             handle.turn_running(False)
-        await wait_until(lambda: nices() == [4] * 2 + [19] * 6, 20, "2 busy at 4, 6 idle at 19")
+        await wait_until(lambda: nices() == [10] * 2 + [19] * 6, 20, "2 busy at 10, 6 idle at 19")
     finally:
         await sup.close()
 
@@ -174,7 +175,7 @@ async def main():
             handle.turn_running(True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30  # about 12 changes at one per 100 ms, with jittered retries
-        while [nice(h.pid) for h in handles] != [9] * 6 and loop.time() < deadline:
+        while [nice(h.pid) for h in handles] != [15] * 6 and loop.time() < deadline:
             await asyncio.sleep(0.05)
         print(*[nice(h.pid) for h in handles], len(refused), flush=True)
     finally:
@@ -187,12 +188,12 @@ asyncio.run(main())
 @pytest.mark.skipif(os.geteuid() != 0 or SETPRIV is None, reason="needs root and setpriv to drop CAP_SYS_ADMIN")
 def test_the_supervisor_sets_every_busy_group_under_the_kernels_rate_limit() -> None:
     """Without CAP_SYS_ADMIN (dropped from the bounding set) the supervisor's own writes meet the rate
-    limit: 6 sessions started and made busy at once still all end at their nice, 9 (6 x 137 <= 1024)."""
+    limit: 6 sessions started and made busy at once still all end at their nice, 15 (6 x 36 <= 256)."""
     argv = [SETPRIV, "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--", sys.executable, "-c",
             RATE_LIMITED_SUPERVISOR]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     *nices, refused = proc.stdout.split()
-    assert nices == ["9"] * 6, proc.stdout
+    assert nices == ["15"] * 6, proc.stdout
     assert int(refused) >= 1, proc.stdout  # the limit was met, and outlasted

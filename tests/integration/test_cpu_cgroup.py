@@ -1,0 +1,86 @@
+"""All local agent workers in one CPU cgroup (workers/cpu_cgroup.py), for real: a worker is born there,
+the cgroup has the share's weight, and it is gone once the supervisor closed.  Needs a cpu controller this
+process may write to (root, or a delegated hierarchy); elsewhere the test says why it skipped."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from workers import launch
+from workers.cpu_cgroup import WorkerCgroup, find_cpu_hierarchy, weight_setting
+from workers.supervisor import Supervisor
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def cgroup_of(pid: int) -> Path | None:
+    """``pid``'s directory in the cpu hierarchy (None once it is gone)."""
+    try:
+        found = find_cpu_hierarchy(Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return found.path if found is not None else None
+
+
+def writable_cpu_hierarchy() -> bool:
+    here = cgroup_of(os.getpid())
+    return here is not None and os.access(here, os.W_OK)
+
+
+@pytest.mark.skipif(not writable_cpu_hierarchy(), reason="no cpu cgroup hierarchy this process may write to")
+async def test_workers_are_born_in_one_cgroup_of_the_shares_weight_which_ends_with_the_supervisor() -> None:
+    ours = cgroup_of(os.getpid())
+    sup = Supervisor(pool_size=1, kill_grace_s=0.5, start_timeout_s=20, watchdog_poll_s=0.1, cpu_cgroup="auto",
+                     cpu_share=0.25)
+    await sup.start()
+    try:
+        cgroup = sup.cpu_cgroup
+        assert isinstance(cgroup, WorkerCgroup) and cgroup.path.parent == ours
+        name, value = weight_setting(2 if (cgroup.path / "cpu.weight").exists() else 1, 0.25)
+        assert (cgroup.path / name).read_text().strip() == value
+        forkserver = launch.forkserver_pid()
+        assert forkserver is not None and cgroup_of(forkserver) == cgroup.path
+        handles = [await sup.acquire("echo", {}, None, f"s{i}") for i in range(2)]  # pooled, then forked
+        for handle in handles:
+            assert cgroup_of(handle.pid) == cgroup.path  # the worker proper
+            assert cgroup_of(os.getsid(handle.pid)) == cgroup.path  # its keeper, the session's leader
+        assert cgroup_of(os.getpid()) == ours  # the gateway itself stays where it was
+    finally:
+        await sup.close()
+    assert not cgroup.path.exists()
+
+
+@pytest.mark.skipif(not writable_cpu_hierarchy(), reason="no cpu cgroup hierarchy this process may write to")
+async def test_off_leaves_workers_in_the_gateways_cgroup() -> None:
+    sup = Supervisor(pool_size=0, kill_grace_s=0.5, start_timeout_s=20, watchdog_poll_s=0.1, cpu_cgroup="off")
+    await sup.start()
+    try:
+        handle = await sup.acquire("echo", {}, None, "s1")
+        assert sup.cpu_cgroup is None and cgroup_of(handle.pid) == cgroup_of(os.getpid())
+    finally:
+        await sup.close()
+
+
+def test_a_stale_cgroup_of_a_dead_gateway_is_removed() -> None:
+    """What a killed gateway left (an empty cgroup named for its pid) goes at the next start; a live
+    gateway's stays."""
+    if not writable_cpu_hierarchy():
+        pytest.skip("no cpu cgroup hierarchy this process may write to")
+    parent = cgroup_of(os.getpid())
+    assert parent is not None
+    dead = 2**22 + 12345  # above pid_max's default: no process has it
+    stale, live = parent / f"worker-gateway-{dead}.1", parent / f"worker-gateway-{os.getpid()}.999"
+    stale.mkdir()
+    live.mkdir()
+    try:
+        made = WorkerCgroup.create(0.25)
+        assert made is not None
+        made.remove()
+        assert not stale.exists() and live.exists()
+    finally:
+        for path in (stale, live):
+            if path.exists():
+                path.rmdir()
