@@ -10,9 +10,10 @@ quarter of it; one session's relay rates were the same with either.  Inside the 
 apply, and the workers' own nice ranks them against each other and their keepers.
 
 The cgroup is a child of the gateway's own, for the ``cpu`` controller: cgroup v1's cpu hierarchy, or
-cgroup v2 where the gateway's cgroup hands ``cpu`` to its children (it is the root, or ``cpu`` is in its
-``cgroup.subtree_control``).  That takes root or a delegated hierarchy; without it the gateway falls back
-to autogroups.  The forkserver is moved in, so every worker it forks is born there.
+the root of a cgroup v2 hierarchy (anywhere else in v2 the gateway's own cgroup holds a process, the
+gateway, and the kernel refuses it children with controllers).  That takes root (or a delegated v1
+hierarchy); without it the gateway falls back to autogroups.  The forkserver is moved in, so every worker
+it forks is born there; a forkserver started again later is moved in by the supervisor too.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def find_cpu_hierarchy(proc_cgroup: str, mountinfo: str) -> CpuHierarchy | None:
 
 def _under(mount: tuple[str, str], path: str, version: int) -> CpuHierarchy | None:
     point, root = mount
-    if not path.startswith(root):
+    inside = root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
+    if not inside or "/.." in path:
         return None  # our cgroup is outside what this mount shows (another namespace's view)
     relative = path[len(root) :].lstrip("/")
     return CpuHierarchy(Path(point) / relative if relative else Path(point), version)
@@ -140,7 +142,7 @@ class WorkerCgroup:
 def _delegate_cpu(parent: Path) -> None:
     control = parent / "cgroup.subtree_control"
     if "cpu" not in control.read_text().split():
-        control.write_text("+cpu")  # refused unless parent is the root or holds no process itself
+        control.write_text("+cpu")  # refused unless parent is the root or holds no process itself (left on)
 
 
 def _remove_stale(parent: Path) -> None:

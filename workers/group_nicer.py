@@ -53,6 +53,8 @@ class GroupNicer:
         cannot be (disabled, or the process is gone)."""
         if not self.enabled:
             return False
+        if key in self._fds:
+            return True
         try:
             self._fds[key] = priority.open_autogroup(f"/proc/{keeper_pid}/autogroup")
         except OSError:

@@ -324,6 +324,7 @@ class Supervisor:
         self._cpu_share = cpu_share
         self._cpu_cgroup_mode = cpu_cgroup
         self.cpu_cgroup: WorkerCgroup | None = None
+        self._cgroup_forkserver: int | None = None  # the forkserver moved into it
         self._group_nicer = GroupNicer(cpu_share, nice)
         #: Literal secrets every worker's scrubber redacts (the gateway's token): sent over the init pipe,
         #: never through the environment or argv, where other processes could read them.
@@ -381,7 +382,10 @@ class Supervisor:
         await asyncio.to_thread(launch.acquire_forkserver)
         self._holds_forkserver = True
         if self._cpu_cgroup_mode == "auto":
-            self.cpu_cgroup = await asyncio.to_thread(self._enter_cpu_cgroup)
+            try:
+                self.cpu_cgroup = await asyncio.to_thread(self._enter_cpu_cgroup)
+            except Exception:  # a tuning: never a reason not to start
+                logger.exception("could not put the workers in a cpu cgroup")
             if self.cpu_cgroup is not None:
                 self._group_nicer.enabled = False  # autogroups do not apply inside a cgroup
         self._state = _State.RUNNING
@@ -449,6 +453,8 @@ class Supervisor:
             raise
         if first.kind is Kind.CONTROL and first.name == "ready":
             self._failures = 0
+            if self.cpu_cgroup is None:  # a keeper slow to fork was not tracked at spawn: it has forked now
+                self._group_nicer.add(handle, handle._spawned.keeper_pid)
             return handle
         await handle.stop()
         if first.kind is Kind.CONTROL and first.name == "init_failed":
@@ -492,7 +498,28 @@ class Supervisor:
         if cgroup is not None and (pid is None or not cgroup.enter(pid)):
             cgroup.remove()
             return None
+        self._cgroup_forkserver = pid
         return cgroup
+
+    def _spawn_worker(self, **options: Any) -> launch.SpawnedWorker:
+        """:func:`launch.spawn_worker` (blocking: in a thread), then the cgroup kept (a move can take ms)."""
+        spawned = launch.spawn_worker(**options)
+        if self.cpu_cgroup is not None:
+            self._keep_in_cpu_cgroup(spawned)
+        return spawned
+
+    def _keep_in_cpu_cgroup(self, spawned: launch.SpawnedWorker) -> None:
+        """A forkserver that died was started again, outside the cgroup: move it in, and the worker it
+        just forked (keeper and worker proper; an idle worker has started nothing else yet)."""
+        assert self.cpu_cgroup is not None
+        pid = launch.forkserver_pid()
+        if pid == self._cgroup_forkserver:
+            return
+        logger.warning("the forkserver was restarted (pid %s): moving it into %s", pid, self.cpu_cgroup.path)
+        if pid is not None and self.cpu_cgroup.enter(pid):
+            self._cgroup_forkserver = pid
+        for member in {spawned.keeper_pid, spawned.pid}:
+            self.cpu_cgroup.enter(member)
 
     async def _check_agent(self, agent: str) -> None:
         try:
@@ -527,7 +554,7 @@ class Supervisor:
         thread whose result is never lost: if our caller is cancelled meanwhile, the worker is killed."""
         future = asyncio.ensure_future(
             asyncio.to_thread(
-                launch.spawn_worker,
+                self._spawn_worker,
                 gateway_pid=self._gateway_pid,
                 nice=self._nice,
                 watchdog_poll_s=self._watchdog_poll_s,

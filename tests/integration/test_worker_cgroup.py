@@ -5,10 +5,13 @@ process may write to (root, or a delegated hierarchy); elsewhere the test says w
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
+from worker_helpers import wait_until
 from workers import launch
 from workers.cpu_cgroup import WorkerCgroup, find_cpu_hierarchy, weight_setting
 from workers.supervisor import Supervisor
@@ -26,8 +29,12 @@ def cgroup_of(pid: int) -> Path | None:
 
 
 def writable_cpu_hierarchy() -> bool:
-    here = cgroup_of(os.getpid())
-    return here is not None and os.access(here, os.W_OK)
+    """Whether this process may make a cpu cgroup (root on cgroup v1 or at v2's root): tried, then undone."""
+    made = WorkerCgroup.create(0.25)
+    if made is None:
+        return False
+    made.remove()
+    return True
 
 
 @pytest.mark.skipif(not writable_cpu_hierarchy(), reason="no cpu cgroup hierarchy this process may write to")
@@ -51,6 +58,26 @@ async def test_workers_are_born_in_one_cgroup_of_the_shares_weight_which_ends_wi
     finally:
         await sup.close()
     assert not cgroup.path.exists()
+
+
+@pytest.mark.skipif(not writable_cpu_hierarchy(), reason="no cpu cgroup hierarchy this process may write to")
+async def test_a_forkserver_started_again_is_moved_in_with_its_first_worker() -> None:
+    sup = Supervisor(pool_size=0, kill_grace_s=0.5, start_timeout_s=20, watchdog_poll_s=0.1, cpu_cgroup="auto")
+    await sup.start()
+    try:
+        assert sup.cpu_cgroup is not None
+        first = launch.forkserver_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)  # our own child, by pid
+        await wait_until(lambda: not psutil.pid_exists(first) or psutil.Process(first).status() == "zombie", 10,
+                         "the forkserver gone")
+        handle = await sup.acquire("echo", {}, None, "s1")  # multiprocess starts a new forkserver for it
+        again = launch.forkserver_pid()
+        assert again not in (None, first)
+        assert cgroup_of(again) == sup.cpu_cgroup.path
+        assert cgroup_of(handle.pid) == cgroup_of(os.getsid(handle.pid)) == sup.cpu_cgroup.path
+    finally:
+        await sup.close()
 
 
 @pytest.mark.skipif(not writable_cpu_hierarchy(), reason="no cpu cgroup hierarchy this process may write to")

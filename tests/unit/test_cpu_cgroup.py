@@ -36,6 +36,8 @@ def test_a_container_whose_mount_shows_its_own_subtree() -> None:
     mounts = "50 40 0:23 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
     assert find_cpu_hierarchy("0::/docker/abc/inner\n", mounts) == CpuHierarchy(Path("/sys/fs/cgroup/inner"), 2)
     assert find_cpu_hierarchy("0::/elsewhere\n", mounts) is None
+    assert find_cpu_hierarchy("0::/docker/abcd\n", mounts) is None  # a sibling whose name starts the same
+    assert find_cpu_hierarchy("0::/docker/abc/../../x\n", mounts) is None  # outside the namespace's root
 
 
 def test_no_cpu_controller_anywhere() -> None:
