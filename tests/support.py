@@ -72,6 +72,25 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
     return out
 
 
+def autogroup_nice(pid: int) -> int | None:
+    """The nice of ``pid``'s scheduling group, its autogroup (None once it is gone): ``/autogroup-N nice K``."""
+    try:
+        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def cpu_cgroup_of(pid: int) -> Path | None:
+    """``pid``'s directory in the cpu cgroup hierarchy (None once it is gone, or without one)."""
+    from workers.cpu_cgroup import find_cpu_hierarchy
+
+    try:
+        found = find_cpu_hierarchy(Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return found.path if found is not None else None
+
+
 def pgid_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is ``pgid``: the one group check of the tests."""
     members = []

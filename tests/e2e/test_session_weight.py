@@ -1,26 +1,18 @@
-"""Through a real gateway: a session's scheduling group weighs by how many sessions run a turn
-(workers/cpu_weight.py), from the prompt that starts a turn to the turn.complete that ends it."""
+"""Through a real gateway: without a cgroup a session's scheduling group weighs by how many sessions run
+a turn (workers/cpu_weight.py), from the prompt that starts a turn to the turn.complete that ends it; by
+default the workers run in the gateway's own worker cgroup (workers/cpu_cgroup.py), gone with it."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-
-from support import RpcClient, async_wait_for
+from support import RpcClient, async_wait_for, autogroup_nice, cpu_cgroup_of
 
 pytestmark = [
     pytest.mark.timeout(90),
     pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="this kernel has no autogroups"),
 ]
-
-
-def autogroup_nice(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
 
 
 async def test_running_turns_share_the_weight_and_idle_sessions_drop_to_worker_nice(gateway_factory) -> None:
@@ -55,16 +47,6 @@ async def test_share_zero_keeps_every_session_at_worker_nice(gateway_factory) ->
         await client.wait_event(created["session_id"], "turn.start")
         await async_wait_for(lambda: autogroup_nice(pid) == 7, 20, what="the running turn at nice 7")
         await client.call("session.close", session_id=created["session_id"])
-
-
-def cpu_cgroup_of(pid: int) -> Path | None:
-    from workers.cpu_cgroup import find_cpu_hierarchy
-
-    try:
-        found = find_cpu_hierarchy(Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return found.path if found is not None else None
 
 
 async def test_by_default_workers_run_in_the_gateways_worker_cgroup_which_goes_with_it(gateway_factory) -> None:

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from support import ROOT, autogroup_nice
+from worker_helpers import supervisor, wait_until  # noqa: F401  (supervisor is a fixture)
 
 from pty_bridge import PtyProcess
-from support import ROOT
-from worker_helpers import supervisor, wait_until  # noqa: F401  (supervisor is a fixture)
 from workers import priority
 from workers.slash_process import start_slash_worker
 from workers.supervisor import Supervisor
@@ -26,14 +26,6 @@ pytestmark = [
     pytest.mark.timeout(90),
     pytest.mark.skipif(not os.path.exists(priority.AUTOGROUP), reason="this kernel has no autogroups"),
 ]
-
-
-def autogroup_nice(pid: int) -> int | None:
-    """The nice of ``pid``'s autogroup (None once it is gone); the file reads ``/autogroup-N nice K``."""
-    try:
-        return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
 
 
 async def test_an_agent_workers_session_gets_the_workers_nice(supervisor: Supervisor) -> None:  # noqa: F811

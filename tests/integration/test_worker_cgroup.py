@@ -6,26 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import psutil
 import pytest
-
+from support import cpu_cgroup_of
 from worker_helpers import wait_until
+
 from workers import launch
-from workers.cpu_cgroup import WorkerCgroup, find_cpu_hierarchy, weight_setting
+from workers.cpu_cgroup import WorkerCgroup, weight_setting
 from workers.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def cgroup_of(pid: int) -> Path | None:
-    """``pid``'s directory in the cpu hierarchy (None once it is gone)."""
-    try:
-        found = find_cpu_hierarchy(Path(f"/proc/{pid}/cgroup").read_text(), Path("/proc/self/mountinfo").read_text())
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return found.path if found is not None else None
 
 
 def writable_cpu_hierarchy() -> bool:
@@ -39,7 +30,7 @@ def writable_cpu_hierarchy() -> bool:
 
 @pytest.mark.skipif(not writable_cpu_hierarchy(), reason="no cpu cgroup hierarchy this process may write to")
 async def test_workers_are_born_in_one_cgroup_of_the_shares_weight_which_ends_with_the_supervisor() -> None:
-    ours = cgroup_of(os.getpid())
+    ours = cpu_cgroup_of(os.getpid())
     sup = Supervisor(pool_size=1, kill_grace_s=0.5, start_timeout_s=20, watchdog_poll_s=0.1, cpu_cgroup="auto",
                      cpu_share=0.25)
     await sup.start()
@@ -49,12 +40,12 @@ async def test_workers_are_born_in_one_cgroup_of_the_shares_weight_which_ends_wi
         name, value = weight_setting(2 if (cgroup.path / "cpu.weight").exists() else 1, 0.25)
         assert (cgroup.path / name).read_text().strip() == value
         forkserver = launch.forkserver_pid()
-        assert forkserver is not None and cgroup_of(forkserver) == cgroup.path
+        assert forkserver is not None and cpu_cgroup_of(forkserver) == cgroup.path
         handles = [await sup.acquire("echo", {}, None, f"s{i}") for i in range(2)]  # pooled, then forked
         for handle in handles:
-            assert cgroup_of(handle.pid) == cgroup.path  # the worker proper
-            assert cgroup_of(os.getsid(handle.pid)) == cgroup.path  # its keeper, the session's leader
-        assert cgroup_of(os.getpid()) == ours  # the gateway itself stays where it was
+            assert cpu_cgroup_of(handle.pid) == cgroup.path  # the worker proper
+            assert cpu_cgroup_of(os.getsid(handle.pid)) == cgroup.path  # its keeper, the session's leader
+        assert cpu_cgroup_of(os.getpid()) == ours  # the gateway itself stays where it was
     finally:
         await sup.close()
     assert not cgroup.path.exists()
@@ -74,8 +65,8 @@ async def test_a_forkserver_started_again_is_moved_in_with_its_first_worker() ->
         handle = await sup.acquire("echo", {}, None, "s1")  # multiprocess starts a new forkserver for it
         again = launch.forkserver_pid()
         assert again not in (None, first)
-        assert cgroup_of(again) == sup.cpu_cgroup.path
-        assert cgroup_of(handle.pid) == cgroup_of(os.getsid(handle.pid)) == sup.cpu_cgroup.path
+        assert cpu_cgroup_of(again) == sup.cpu_cgroup.path
+        assert cpu_cgroup_of(handle.pid) == cpu_cgroup_of(os.getsid(handle.pid)) == sup.cpu_cgroup.path
     finally:
         await sup.close()
 
@@ -86,7 +77,7 @@ async def test_off_leaves_workers_in_the_gateways_cgroup() -> None:
     await sup.start()
     try:
         handle = await sup.acquire("echo", {}, None, "s1")
-        assert sup.cpu_cgroup is None and cgroup_of(handle.pid) == cgroup_of(os.getpid())
+        assert sup.cpu_cgroup is None and cpu_cgroup_of(handle.pid) == cpu_cgroup_of(os.getpid())
     finally:
         await sup.close()
 
@@ -96,7 +87,7 @@ def test_a_stale_cgroup_of_a_dead_gateway_is_removed() -> None:
     gateway's stays."""
     if not writable_cpu_hierarchy():
         pytest.skip("no cpu cgroup hierarchy this process may write to")
-    parent = cgroup_of(os.getpid())
+    parent = cpu_cgroup_of(os.getpid())
     assert parent is not None
     dead = 2**22 + 12345  # above pid_max's default: no process has it
     stale, live = parent / f"worker-gateway-{dead}.1", parent / f"worker-gateway-{os.getpid()}.999"
