@@ -16,14 +16,13 @@ import os
 import time
 from typing import Any, Callable, Iterator
 
-import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from support import GatewayProcess, descendants, wait_for
+from support import GatewayProcess, alive, descendants, wait_for
 from gateway import rpc
 from gateway.rpc import METHOD_PARAMS
 from hardening_wire import OP_BINARY, OP_CONT, OP_TEXT, RawWebSocket
@@ -134,7 +133,7 @@ def baseline(fuzz_gateway: GatewayProcess, bystander: tuple[SyncRpc, str]) -> Ca
     """The gateway's process tree once the bystander's session exists and the pool is full again."""
 
     def tree() -> set[int]:
-        return {p.pid for p in descendants(fuzz_gateway.pid) if p.status() != psutil.STATUS_ZOMBIE}
+        return {p.pid for p in alive(descendants(fuzz_gateway.pid))}
 
     def settled() -> set[int] | None:
         first = tree()
@@ -168,7 +167,7 @@ def nothing_affected(request: pytest.FixtureRequest, fuzz_gateway: GatewayProces
     assert events[-1]["payload"]["status"] == "ok"
     seqs = [e["seq"] for e in by.events]
     assert seqs == list(range(1, len(seqs) + 1))
-    wait_for(lambda: {p.pid for p in descendants(gw.pid) if p.status() != psutil.STATUS_ZOMBIE} == expected_tree,
+    wait_for(lambda: {p.pid for p in alive(descendants(gw.pid))} == expected_tree,
              10, 0.05, "the gateway's process tree to be unchanged (no worker started or leaked)")
 
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import psutil
 
-from support import RpcClient, async_wait_for, descendants, pgid_members
+from support import RpcClient, alive, async_wait_for, descendants, pgid_members
 
 CYCLES = int(os.environ.get("WG_STORM_CYCLES", "500"))
 CONCURRENCY = int(os.environ.get("WG_STORM_CONCURRENCY", "8"))
@@ -28,7 +28,7 @@ def healthz(gw) -> dict:
 
 
 def tree(gw) -> list[psutil.Process]:
-    return [p for p in descendants(gw.pid) if p.status() != psutil.STATUS_ZOMBIE]
+    return alive(descendants(gw.pid))  # tolerant of a process that exits while it is looked at
 
 
 async def one_cycle(url: str, i: int, worker_pids: set[int]) -> str:

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import websockets
 
-from support import GatewayProcess, RpcClient, async_wait_for, pgid_members
+from support import GatewayProcess, RpcClient, alive, async_wait_for, pgid_members
 from workers.backends.ray_env import prepare_ray_environment
 from workers.backends.ray_placement import HostLoad, HostState, choose_node, no_room_message
 
@@ -383,7 +383,7 @@ async def test_slash_commands_run_on_the_sessions_node_survive_a_dead_host_and_e
             await client.call("session.close", session_id=c["session_id"])
         for keeper in keepers:
             await _group_gone(keeper)
-        await async_wait_for(lambda: not any(m.is_running() and m.status() != psutil.STATUS_ZOMBIE for m in members),
+        await async_wait_for(lambda: not alive(members),
                              15, what="every slash process gone")
 
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 import pty_bridge
-from support import pgid_members
+from support import alive, pgid_members
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX only")
 
@@ -86,7 +86,7 @@ def test_kill_9_of_the_gateway_ends_slash_worker_and_terminal_groups(tmp_path: P
         gateway.wait(5)
         killed_at = time.monotonic()
         while True:
-            left = [p.pid for p in tracked if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            left = [p.pid for p in alive(tracked)]
             left += [pid for leader in leaders for pid in pgid_members(leader)]
             if not left:
                 break

@@ -13,6 +13,7 @@ from typing import Any
 import psutil
 import pytest
 
+from support import alive
 from worker_helpers import (  # noqa: F401  (supervisor is a fixture)
     LagMonitor, complete_of, run_turn, supervisor, wait_until)
 from workers.agents.base import Agent, TurnHandle, TurnResult
@@ -101,7 +102,7 @@ async def test_shell_cancel_kills_the_command(supervisor: Supervisor) -> None:
     assert done["status"] == "interrupted"
     assert "never" not in "".join(texts(events, "tool.output"))
     sleepers = [c for c in psutil.Process(handle.pid).children(recursive=True) if c.name() == "sleep"]
-    assert not [s for s in sleepers if s.status() != psutil.STATUS_ZOMBIE]
+    assert not alive(sleepers)
 
 
 # -- load: prompt grammar ---------------------------------------------------------------------------------
