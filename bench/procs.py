@@ -48,6 +48,11 @@ class ServerProcess(ReadyLineProcess):
                 "--ws-ping-interval", PING[0], "--ws-ping-timeout", PING[1]]
         return cls(argv + list(extra), "BASELINE_READY", "in-process baseline")
 
+    @classmethod
+    def floor(cls) -> ServerProcess:
+        """The pipe-hop floor (``bench.floor_app``): a relay with the worker's pipe hop and nothing else."""
+        return cls([sys.executable, "-m", "bench.floor_app", "--port", "0"], "FLOOR_READY", "pipe-hop floor")
+
     def start(self, timeout: float = 60.0) -> ServerProcess:
         try:
             super().start(timeout)

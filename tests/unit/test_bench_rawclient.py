@@ -182,6 +182,25 @@ def test_relay_goals_follow_the_per_round_ratios() -> None:
     assert "| relay-only, 64 KiB events | gateway, store on | raw |" in body
 
 
+def test_a_missed_64k_goal_says_where_the_pipe_hop_floor_was() -> None:
+    results: bench_relay.Results = {}
+    for client in bench_relay.CLIENTS:
+        results[("64k", "bare", client)] = [_measure(1000, 10), _measure(1000, 10)]
+        results[("64k", "floor", client)] = [_measure(400, 25), _measure(400, 25)]  # 0.4x bare, 2.5x its CPU
+        results[("relay64", "nostate", client)] = [_measure(300, 40), _measure(300, 40)]  # 0.75x the floor
+    body, goals = bench_relay.render(results, 2, bench_relay.Sizes(1, 1, 10))
+    by_name = {g.name: g for g in goals}
+    relay = by_name["relay throughput vs bare, relay-only, 64 KiB events (`--no-state`)"]
+    assert relay.met is False
+    assert "reached 0.40× (0.40–0.40) of bare" in relay.note and "the gateway 0.75× (0.75–0.75) of the floor" in relay.note
+    cpu = by_name["gateway server CPU per 64 KiB event vs the bare server's (`--no-state`)"]
+    assert cpu.met is False and "25.0 µs per event, 2.50×" in cpu.note
+    assert "| floor: producer → pipe → relay, 64 KiB event frames | pipe-hop floor | raw |" in body
+    # no floor measured: no note (a goal with nothing to compare says nothing about it)
+    del results[("64k", "floor", "raw")]
+    assert all(not g.note for g in bench_relay.goals(results))
+
+
 def test_relay_goal_without_measurements_is_not_judged() -> None:
     goals = bench_relay.goals({})
     assert goals and all(g.met is None for g in goals)
