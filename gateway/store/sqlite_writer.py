@@ -14,6 +14,7 @@ reported, and the next commit retries the same writes.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -217,6 +218,7 @@ class SqliteWriter:
         self._purging: set[str] = {r[0] for r in conn.execute("SELECT session_id FROM purge")}
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         self._wal_bytes = 0  # estimated WAL bytes written since the last checkpoint
+        self._db_fd = _open_for_advice(conn)
 
     # -- feeding ---------------------------------------------------------------------------------------
 
@@ -312,15 +314,24 @@ class SqliteWriter:
         """Copy the WAL into the database (PASSIVE: never waits, there is no other connection anyway), so
         the WAL restarts from its beginning at the next commit instead of growing.  Run by the loop after
         a commit's answers are sent, or when idle.  A failure is left for the next one (the WAL is durable
-        on its own: a checkpoint is never needed for safety)."""
+        on its own: a checkpoint is never needed for safety).
+
+        Then the database file's pages leave the page cache (``POSIX_FADV_DONTNEED``; they are clean: the
+        checkpoint synced them).  The log is written once and rarely read back, and kept cached it grows
+        the page cache by every byte streamed, each page new memory; dropped, the next checkpoint reuses
+        the freed pages.  Measured (docs/store.md), on a VM whose memory is backed on first touch: 69-82
+        instead of 104-198 us of writer CPU per 64 KiB event."""
         if not self._wal_bytes:
             return
         try:
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             logger.warning("store: checkpoint failed (will retry): %s", exc)
             return
         self._wal_bytes = 0
+        if self._db_fd is not None and not busy:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._db_fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def answer_requests(self) -> list[bytes]:
         """Answer the queued requests from what is committed (also while writes fail)."""
@@ -631,6 +642,20 @@ class SqliteWriter:
         except sqlite3.Error:
             pass
         self._conn.close()
+        if self._db_fd is not None:
+            os.close(self._db_fd)
+            self._db_fd = None
+
+
+def _open_for_advice(conn: sqlite3.Connection) -> int | None:
+    """A read-only fd on the database file, for page-cache advice (None for an in-memory database)."""
+    path = next((row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"), "")
+    if not path:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def _session_dict(description: Any, row: tuple[Any, ...]) -> dict[str, Any]:
