@@ -371,9 +371,9 @@ def _section(sides: dict[str, Side], rounds: int, latency_turns: int, load_s: fl
             note = (f"with the store on the writer process used {median([t.share('writer') for t in st]):.0%} of a "
                     f"core and the gateway {median([t.share('gateway') for t in st]):.0%}; all processes together "
                     f"{median([sum(t.cpu.values()) / t.seconds for t in st]):.0%} of {(os.cpu_count() or 1) * 100}%, so the "
-                    "stream is not CPU-bound: an event waits for the commit (and its fsync) that makes it durable "
-                    "before it is sent, and a session's unsettled events are bounded (half of `replay_max_bytes`): "
-                    "while a full window commits, its pipe is not read (docs/store.md)")
+                    "stream is not CPU-bound: the writer commits one batch after another, each written into the "
+                    "WAL and ended by an fsync, and an event is sent only once its commit is acknowledged (the "
+                    "writer's saturated rate alone is in the store section; docs/store.md)")
         goals.append(Goal(f"store: saturated relay throughput, relay-only {kb} KiB events", "≥ 0.7× `--no-state`",
                           f"{r:.2f}× ({num(median([t.mib_s for t in s.relay[kb]]))} vs "
                           f"{num(median([t.mib_s for t in n.relay[kb]]))} MiB/s; per-round "
