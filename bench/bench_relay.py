@@ -354,8 +354,7 @@ def goals(results: Results) -> list[Goal]:
         for key, target, what in CPU_GOALS:
             r = spread(cpu_ratios(results, key, sk, "raw"))
             mine = median([m.us_per_event("server_cpu") for m in results.get((key, sk, "raw"), [])])
-            bare_kind = next(w.bare for w in WORKLOADS if w.key == key)
-            theirs = median([m.us_per_event("server_cpu") for m in results.get((bare_kind, "bare", "raw"), [])])
+            theirs = median([m.us_per_event("server_cpu") for m in results.get((_bare_kind(key), "bare", "raw"), [])])
             met = None if math.isnan(r[0]) else r[0] <= target
             out.append(Goal(f"gateway server CPU per {what} vs the bare server's ({mode})", f"≤ {target:g}×",
                             f"{r[0]:.2f}× ({r[1]:.2f}–{r[2]:.2f}): {num(mine)} vs {num(theirs)} µs (raw client)",

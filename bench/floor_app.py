@@ -25,7 +25,7 @@ import subprocess
 import sys
 
 from bench.baseline_app import _chunk_text
-from bench.wsframes import accept_value, apply_mask
+from bench.wsframes import accept_value, apply_mask, payload_length
 from gateway import rpc, wsframes
 from workers.encoding import encode_json
 
@@ -124,16 +124,8 @@ class FloorProtocol(asyncio.Protocol):
         """Masked client frames (RFC 6455 5.2): text starts a transfer, ping is answered, close ends."""
         assert self.transport is not None
         data = self.incoming
-        while len(data) >= 2:
-            opcode, n, pos = data[0] & 0x0F, data[1] & 0x7F, 2
-            if n == 126:
-                if len(data) < 4:
-                    break
-                n, pos = struct.unpack_from("!H", data, 2)[0], 4
-            elif n == 127:
-                if len(data) < 10:
-                    break
-                n, pos = struct.unpack_from("!Q", data, 2)[0], 10
+        while (sized := payload_length(data, 0, len(data))) is not None:
+            opcode, (n, pos) = data[0] & 0x0F, sized
             if len(data) < pos + 4 + n:
                 break
             payload = apply_mask(data[pos + 4 : pos + 4 + n], data[pos : pos + 4])

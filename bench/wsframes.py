@@ -110,6 +110,19 @@ def apply_mask(payload: bytes, mask: bytes) -> bytes:
     return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
 
 
+def payload_length(buf: bytes | bytearray, pos: int, end: int) -> tuple[int, int] | None:
+    """(payload length, header bytes before the payload or its mask) of the frame at ``pos`` (RFC 6455 5.2:
+    7 bits, or 126 then 16, or 127 then 64), or None while its length bytes are not all in ``buf`` yet."""
+    if end - pos < 2:
+        return None
+    length = buf[pos + 1] & 0x7F
+    if length == 126:
+        return (int.from_bytes(buf[pos + 2:pos + 4], "big"), 4) if end - pos >= 4 else None
+    if length == 127:
+        return (int.from_bytes(buf[pos + 2:pos + 10], "big"), 10) if end - pos >= 10 else None
+    return length, 2
+
+
 # Server frames -----------------------------------------------------------------------------------------------
 class FrameScanner:
     """Incremental: ``feed`` each chunk read from the socket, get the frames seen in it, in order.
@@ -178,18 +191,10 @@ class FrameScanner:
             raise FrameError("a server frame must not be masked")
         if b0 & 0x70:
             raise FrameError("reserved bits set (no extension was negotiated)")
-        length = b1 & 0x7F
-        header = 2
-        if length == 126:
-            if end - pos < 4:
-                return None
-            length = (buf[pos + 2] << 8) | buf[pos + 3]
-            header = 4
-        elif length == 127:
-            if end - pos < 10:
-                return None
-            length = int.from_bytes(buf[pos + 2:pos + 10], "big")
-            header = 10
+        sized = payload_length(buf, pos, end)
+        if sized is None:
+            return None
+        length, header = sized
         opcode = b0 & 0x0F
         if opcode >= 0x8 and (length > 125 or not b0 & 0x80):
             raise FrameError("control frames must be unfragmented and at most 125 bytes")
